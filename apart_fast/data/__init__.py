@@ -1,0 +1,18 @@
+"""Data layer of apart_fast: datasets as resident uint8 tensors and a device-side augmenting loader."""
+
+from .datasets import DATASET_NAMES, ImageData, load_dataset
+from .errors import DataError
+from .folder import default_cache_dir
+from .loader import Batch, DeviceLoader, augment_batch, iter_eval
+
+__all__ = [
+    "DATASET_NAMES",
+    "Batch",
+    "DataError",
+    "DeviceLoader",
+    "ImageData",
+    "augment_batch",
+    "default_cache_dir",
+    "iter_eval",
+    "load_dataset",
+]
