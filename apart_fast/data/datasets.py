@@ -87,18 +87,23 @@ def _load_digits(seed: int) -> ImageData:
 
 
 def synthetic_patterns(seed: int, size: int = 16, channels: int = 3, num_classes: int = 10) -> torch.Tensor:
-    """The per-class smooth patterns (K,C,H,W) in [0,1] behind ``synthetic``: oriented coloured gratings."""
+    """The per-class smooth patterns (K,C,H,W) in [0,1] behind ``synthetic``: a distinct hue plus an oriented grating.
+
+    The hue keeps classes apart under crops and flips; the grating gives convolutions some shape to find.
+    """
     gen = torch.Generator().manual_seed(seed)
     coords = torch.arange(size, dtype=torch.float32) / size
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     patterns = torch.empty(num_classes, channels, size, size)
     for k in range(num_classes):
+        hue = 2 * math.pi * k / num_classes
+        base = torch.tensor([0.5 + 0.25 * math.cos(hue + 2 * math.pi * c / channels) for c in range(channels)])
         theta = math.pi * k / num_classes
         freq = 1.0 + 0.75 * (k % 2)
         phase = torch.rand(channels, generator=gen) * 2 * math.pi
         wave = 2 * math.pi * freq * (math.cos(theta) * xx + math.sin(theta) * yy)
-        patterns[k] = 0.5 + 0.3 * torch.sin(wave[None] + phase[:, None, None])
-    return patterns
+        patterns[k] = base[:, None, None] + 0.2 * torch.sin(wave[None] + phase[:, None, None])
+    return patterns.clamp(0, 1)
 
 
 def _load_synthetic(seed: int, n_train: int) -> ImageData:
