@@ -1,0 +1,27 @@
+"""Triton kernels of apart_fast: raw-tensor primitives, no autograd (installed as ``apart_fast.kernels``).
+
+Inputs are contiguous and on one device; step sizes (``a``, ``a_init``, ``ratio``) are one-element tensors read
+by pointer inside the kernels, so launches never sync with the host and can be captured in a CUDA graph.
+Importing this package imports Triton but never queries the GPU. Set ``TRITON_INTERPRET=1`` before the import
+to run the kernels on CPU tensors.
+"""
+
+from .layer_perturb import layer_perturb_bwd, layer_perturb_fwd
+from .omega import omega_gather, omega_update
+from .pack_sign import pack_sign
+from .perturb_init import perturb_init_bwd, perturb_init_fwd
+from .pgd_step import pgd_step
+from .sign_step import sign_step_bwd, sign_step_fwd
+
+__all__ = [
+    "perturb_init_fwd",
+    "perturb_init_bwd",
+    "sign_step_fwd",
+    "sign_step_bwd",
+    "pack_sign",
+    "layer_perturb_fwd",
+    "layer_perturb_bwd",
+    "omega_gather",
+    "omega_update",
+    "pgd_step",
+]

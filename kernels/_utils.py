@@ -1,0 +1,102 @@
+"""Shared pieces of the Triton kernels: jit helpers (sign, clamp, wide scalars) and host-side helpers."""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program of the elementwise kernels and warps per program (1024 fp32 = 8 per thread at 4 warps).
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+
+_TL_DTYPE = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of a floating torch dtype (fp16, bf16, fp32, fp64)."""
+    try:
+        return _TL_DTYPE[dtype]
+    except KeyError:
+        raise TypeError(f"apart_fast.kernels: unsupported dtype {dtype}; expected fp16, bf16, fp32 or fp64") from None
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for tensors of ``dtypes``: their promotion, at least fp32 (fp64 stays fp64)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def split_scalar(value: float) -> tuple[float, float, float]:
+    """Split a python float into three fp32-exact parts whose fp64 sum is ``value`` exactly.
+
+    Scalar kernel arguments are fp32; fp64 kernels rebuild the double with ``wide_scalar``, fp32
+    kernels use the first part, which is ``value`` rounded to fp32 as PyTorch rounds a scalar bound.
+    """
+    hi = _to_f32(value)
+    if not math.isfinite(hi):
+        return hi, 0.0, 0.0
+    rest = value - hi
+    mid = _to_f32(rest)
+    lo = _to_f32(rest - mid)
+    return hi, mid, lo
+
+
+def _to_f32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 (overflow goes to +-inf)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def num_programs(n_elements: int, block: int = BLOCK_SIZE) -> int:
+    """Programs of a 1-D grid covering ``n_elements`` in blocks of ``block``."""
+    return triton.cdiv(n_elements, block)
+
+
+def sum_partials(partials: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic device-side sum of per-program partials, shaped like ``like`` (else (1,)), cast to ``dtype``."""
+    total = partials.sum(dtype=partials.dtype).to(dtype)
+    return total.reshape(like.shape if like is not None else (1,))
+
+
+@triton.jit
+def wide_scalar(hi, mid, lo, DTYPE: tl.constexpr):
+    """A scalar passed as ``split_scalar`` parts, in ``DTYPE`` (fp64 rebuilds the exact double)."""
+    if DTYPE == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, DTYPE)
+
+
+@triton.jit
+def sign_of(v, DTYPE: tl.constexpr):
+    """``torch.sign(v)`` in ``DTYPE``: -1, 0 or 1 (0 for 0 and -0)."""
+    one = tl.full(v.shape, 1.0, DTYPE)
+    zero = tl.zeros(v.shape, DTYPE)
+    return tl.where(v > 0, one, tl.where(v < 0, -one, zero))
+
+
+@triton.jit
+def clamp(v, lo, hi):
+    """``torch.clamp(v, lo, hi)``: NaN propagates, the bounds are inclusive."""
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def inside(v, lo, hi):
+    """Where ``clamp(v, lo, hi)`` passes its gradient (PyTorch: ``lo <= v <= hi``, so the bounds pass)."""
+    return (v >= lo) & (v <= hi)

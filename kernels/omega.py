@@ -1,0 +1,193 @@
+"""Per-example initialisation store: gather each example's cropped, flipped window, and update it in place.
+
+``store`` is (N, C, H+2p, W+2p); example ``b`` owns ``store[index[b], :, dy:dy+H, dx:dx+W]`` (``crop[b] = (dy, dx)``),
+read right to left when ``flip[b]``. Both kernels tile the image frame (B*C*H rows, W columns) with
+``BLOCK_ROWS x BLOCK_W`` tiles (about ``BLOCK_SIZE`` elements): grid ``(cdiv(B*C*H, BLOCK_ROWS), cdiv(W, BLOCK_W))``.
+Each program reads every element of its tile once and (update) writes it once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import BLOCK_SIZE, NUM_WARPS, clamp, compute_dtype, sign_of, tl_dtype
+
+
+@triton.jit
+def _omega_window(
+    index_ptr,
+    crop_ptr,
+    flip_ptr,
+    pid_r,
+    pid_w,
+    n_rows,
+    C,
+    H,
+    W,
+    Hp,
+    Wp,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Offsets of a tile in the image frame and in the store, its mask, each row's example and row mask."""
+    rows = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_mask = rows < n_rows
+    y = rows % H
+    bc = rows // H
+    c = bc % C
+    b = bc // C
+    idx = tl.load(index_ptr + b, mask=row_mask, other=0).to(tl.int64)
+    dy = tl.load(crop_ptr + 2 * b, mask=row_mask, other=0).to(tl.int64)
+    dx = tl.load(crop_ptr + 2 * b + 1, mask=row_mask, other=0).to(tl.int64)
+    flipped = tl.load(flip_ptr + b, mask=row_mask, other=0) != 0
+    src_cols = tl.where(flipped[:, None], (W - 1) - cols[None, :], cols[None, :]) + dx[:, None]
+    store_offs = ((idx * C + c) * Hp + dy + y)[:, None] * Wp + src_cols
+    frame_offs = rows[:, None] * W + cols[None, :]
+    mask = row_mask[:, None] & (cols < W)[None, :]
+    return frame_offs, store_offs, mask, b, row_mask
+
+
+@triton.jit
+def _omega_gather_fwd_kernel(
+    store_ptr,
+    index_ptr,
+    crop_ptr,
+    flip_ptr,
+    out_ptr,
+    n_rows,
+    C,
+    H,
+    W,
+    Hp,
+    Wp,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_w = tl.program_id(1).to(tl.int64)
+    frame_offs, store_offs, mask, _, _ = _omega_window(
+        index_ptr, crop_ptr, flip_ptr, pid_r, pid_w, n_rows, C, H, W, Hp, Wp, BLOCK_ROWS, BLOCK_W
+    )
+    tl.store(out_ptr + frame_offs, tl.load(store_ptr + store_offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _omega_update_fwd_kernel(
+    store_ptr,
+    index_ptr,
+    crop_ptr,
+    flip_ptr,
+    src_ptr,
+    g_ptr,
+    ratio_ptr,
+    n_rows,
+    C,
+    H,
+    W,
+    Hp,
+    Wp,
+    PROD: tl.constexpr,  # dtype of omega + ratio*sign(g) in the reference (promotion of store and ratio)
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_w = tl.program_id(1).to(tl.int64)
+    frame_offs, store_offs, mask, b, row_mask = _omega_window(
+        index_ptr, crop_ptr, flip_ptr, pid_r, pid_w, n_rows, C, H, W, Hp, Wp, BLOCK_ROWS, BLOCK_W
+    )
+    # Only the first occurrence of an example writes: each store element then has one writer, which
+    # also is its only reader, so there is no race and the result equals the reference's.
+    first = tl.load(src_ptr + b, mask=row_mask, other=-1).to(tl.int64) == b
+    mask = mask & first[:, None]
+    ratio = tl.load(ratio_ptr).to(PROD)
+    omega = tl.load(store_ptr + store_offs, mask=mask, other=0.0).to(PROD)
+    s = sign_of(tl.load(g_ptr + frame_offs, mask=mask, other=0.0), PROD)
+    new = clamp(omega + ratio * s, -1.0, 1.0)
+    tl.store(store_ptr + store_offs, new.to(store_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(n_rows: int, w: int) -> tuple[int, int, tuple[int, int]]:
+    """``(BLOCK_ROWS, BLOCK_W, grid)`` for an image frame of ``n_rows`` rows of ``w`` columns."""
+    block_w = min(triton.next_power_of_2(max(w, 1)), BLOCK_SIZE)
+    block_rows = max(BLOCK_SIZE // block_w, 1)
+    return block_rows, block_w, (triton.cdiv(n_rows, block_rows), triton.cdiv(w, block_w))
+
+
+def omega_gather(
+    store: torch.Tensor,
+    index: torch.Tensor,
+    crop: torch.Tensor,
+    flip: torch.Tensor,
+    src: torch.Tensor | None,
+    H: int,
+    W: int,
+) -> torch.Tensor:
+    """Each example's (C, H, W) window of ``store``, cropped then flipped: (B, C, H, W) in store's dtype.
+
+    ``src`` is not read (gathering is the same for duplicates); it keeps the signature of ``omega_update``.
+    """
+    B, C = index.shape[0], store.shape[1]
+    out = torch.empty((B, C, H, W), dtype=store.dtype, device=store.device)
+    n_rows = B * C * H
+    if out.numel() == 0:
+        return out
+    block_rows, block_w, grid = _tiles(n_rows, W)
+    _omega_gather_fwd_kernel[grid](
+        store,
+        index,
+        crop,
+        flip.view(torch.uint8) if flip.dtype == torch.bool else flip,
+        out,
+        n_rows,
+        C,
+        H,
+        W,
+        store.shape[2],
+        store.shape[3],
+        BLOCK_ROWS=block_rows,
+        BLOCK_W=block_w,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def omega_update(
+    store: torch.Tensor,
+    index: torch.Tensor,
+    crop: torch.Tensor,
+    flip: torch.Tensor,
+    src: torch.Tensor,
+    g: torch.Tensor,
+    ratio: torch.Tensor,
+) -> None:
+    """In place: ``omega <- clamp(omega + ratio*sign(g), -1, 1)`` on each example's window, first occurrences only.
+
+    ``src`` is ``reference.first_position(index)``; ``g`` is (B, C, H, W) in the image frame; ``ratio`` one element.
+    """
+    B, C, H, W = g.shape
+    n_rows = B * C * H
+    if g.numel() == 0:
+        return
+    block_rows, block_w, grid = _tiles(n_rows, W)
+    _omega_update_fwd_kernel[grid](
+        store,
+        index,
+        crop,
+        flip.view(torch.uint8) if flip.dtype == torch.bool else flip,
+        src,
+        g,
+        ratio,
+        n_rows,
+        C,
+        H,
+        W,
+        store.shape[2],
+        store.shape[3],
+        PROD=tl_dtype(compute_dtype(store.dtype, ratio.dtype)),
+        BLOCK_ROWS=block_rows,
+        BLOCK_W=block_w,
+        num_warps=NUM_WARPS,
+    )

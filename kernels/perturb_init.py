@@ -1,0 +1,157 @@
+"""APART initialisation ``d0 = clamp(a_init*omega, -eps, eps)``, ``x0 = clamp(x + d0, 0, 1)``: forward and backward.
+
+Both kernels run over the flattened elements, one ``BLOCK_SIZE`` block per program (grid ``cdiv(n, BLOCK_SIZE)``).
+The backward recomputes ``d0`` and the masks from ``x``, ``omega`` and ``a_init`` instead of saving them, and
+writes one fp32 (fp64 for fp64 data) partial of ``dL/da_init`` per program; ``torch.sum`` adds the partials.
+Values are rounded to the storage dtype wherever the reference holds a tensor of that dtype, so fp32 results
+(and the masks in every dtype) equal the reference's exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    BLOCK_SIZE,
+    NUM_WARPS,
+    clamp,
+    compute_dtype,
+    inside,
+    num_programs,
+    split_scalar,
+    sum_partials,
+    tl_dtype,
+    wide_scalar,
+)
+
+
+@triton.jit
+def _perturb_init_fwd_kernel(
+    x_ptr,
+    omega_ptr,
+    a_init_ptr,
+    x0_ptr,
+    d0_ptr,
+    n_elements,
+    eps_hi,
+    eps_mid,
+    eps_lo,
+    COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
+    PROD: tl.constexpr,  # dtype of a_init*omega in the reference (promotion of both, at least fp32)
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    a = tl.load(a_init_ptr).to(PROD)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    d0 = clamp(a * omega, -eps, eps).to(x0_ptr.dtype.element_ty)
+    x0 = clamp(x + d0.to(COMPUTE), 0.0, 1.0)
+    tl.store(d0_ptr + offs, d0, mask=mask)
+    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _perturb_init_bwd_kernel(
+    grad_x0_ptr,
+    grad_d0_ptr,
+    x_ptr,
+    omega_ptr,
+    a_init_ptr,
+    grad_x_ptr,
+    partial_ptr,
+    n_elements,
+    eps_hi,
+    eps_mid,
+    eps_lo,
+    HAS_GRAD_D: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    PROD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dtype = grad_x_ptr.dtype.element_ty
+    a = tl.load(a_init_ptr).to(PROD)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    v = a * omega
+    m_eps0 = inside(v, -eps, eps)
+    d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
+    # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.
+    m_img = inside((x + d0).to(dtype).to(COMPUTE), 0.0, 1.0)
+    grad_x0 = tl.load(grad_x0_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    grad_x = tl.where(m_img, grad_x0, 0.0)
+    tl.store(grad_x_ptr + offs, grad_x.to(dtype), mask=mask)
+    total = grad_x
+    if HAS_GRAD_D:
+        # autograd adds the two gradients of d0 in d0's dtype
+        total = (total + tl.load(grad_d0_ptr + offs, mask=mask, other=0.0).to(COMPUTE)).to(dtype).to(COMPUTE)
+    term = tl.where(m_eps0, total.to(PROD), 0.0) * omega
+    tl.store(partial_ptr + pid, tl.sum(term, axis=0))
+
+
+def perturb_init_fwd(
+    x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, d0)`` in x's dtype; ``omega`` may have another dtype, ``a_init`` is a one-element tensor."""
+    x0 = torch.empty_like(x)
+    d0 = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return x0, d0
+    prod = compute_dtype(a_init.dtype, omega.dtype)
+    _perturb_init_fwd_kernel[(num_programs(n),)](
+        x,
+        omega,
+        a_init,
+        x0,
+        d0,
+        n,
+        *split_scalar(float(eps)),
+        COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+        PROD=tl_dtype(prod),
+        BLOCK_SIZE=BLOCK_SIZE,
+        num_warps=NUM_WARPS,
+    )
+    return x0, d0
+
+
+def perturb_init_bwd(
+    grad_x0: torch.Tensor,
+    grad_d0: torch.Tensor | None,
+    x: torch.Tensor,
+    omega: torch.Tensor,
+    a_init: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_a_init)``: ``grad_x`` in x's dtype, ``grad_a_init`` shaped and typed like ``a_init``."""
+    grad_x = torch.empty_like(x)
+    n = x.numel()
+    prod = compute_dtype(a_init.dtype, omega.dtype)
+    grid = num_programs(n)
+    partials = torch.zeros(grid, dtype=prod, device=x.device)
+    if n > 0:
+        _perturb_init_bwd_kernel[(grid,)](
+            grad_x0,
+            grad_d0 if grad_d0 is not None else grad_x0,
+            x,
+            omega,
+            a_init,
+            grad_x,
+            partials,
+            n,
+            *split_scalar(float(eps)),
+            HAS_GRAD_D=grad_d0 is not None,
+            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+            PROD=tl_dtype(prod),
+            BLOCK_SIZE=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return grad_x, sum_partials(partials, a_init, a_init.dtype)

@@ -1,0 +1,166 @@
+"""Learnable sign step ``d1 = clamp(d + a*sign(g), -eps, eps)``, ``x1 = clamp(x + d1, 0, 1)``: forward and backward.
+
+Grid ``cdiv(n, BLOCK_SIZE)`` over the flattened elements. The backward recomputes ``d1`` and the masks, writes
+``grad_x`` and ``grad_d`` and one partial of ``dL/da`` per program (summed by ``torch.sum``, deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    BLOCK_SIZE,
+    NUM_WARPS,
+    clamp,
+    compute_dtype,
+    inside,
+    num_programs,
+    sign_of,
+    split_scalar,
+    sum_partials,
+    tl_dtype,
+    wide_scalar,
+)
+
+
+@triton.jit
+def _sign_step_fwd_kernel(
+    x_ptr,
+    d_ptr,
+    g_ptr,
+    a_ptr,
+    x1_ptr,
+    d1_ptr,
+    n_elements,
+    eps_hi,
+    eps_mid,
+    eps_lo,
+    COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
+    PROD: tl.constexpr,  # dtype of d + a*sign(g) in the reference (promotion of d and a, at least fp32)
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dtype = x1_ptr.dtype.element_ty
+    a = tl.load(a_ptr).to(PROD)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
+    s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
+    d1 = clamp(d + a * s, -eps, eps).to(dtype)
+    x1 = clamp(x + d1.to(COMPUTE), 0.0, 1.0)
+    tl.store(d1_ptr + offs, d1, mask=mask)
+    tl.store(x1_ptr + offs, x1.to(dtype), mask=mask)
+
+
+@triton.jit
+def _sign_step_bwd_kernel(
+    grad_x1_ptr,
+    grad_d1_ptr,
+    x_ptr,
+    d_ptr,
+    g_ptr,
+    a_ptr,
+    grad_x_ptr,
+    grad_d_ptr,
+    partial_ptr,
+    n_elements,
+    eps_hi,
+    eps_mid,
+    eps_lo,
+    HAS_GRAD_D: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    PROD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    dtype = grad_x_ptr.dtype.element_ty
+    a = tl.load(a_ptr).to(PROD)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
+    s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
+    v = d + a * s
+    m_eps1 = inside(v, -eps, eps)
+    d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
+    # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.
+    m_img = inside((x + d1).to(dtype).to(COMPUTE), 0.0, 1.0)
+    grad_x1 = tl.load(grad_x1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    grad_x = tl.where(m_img, grad_x1, 0.0)
+    tl.store(grad_x_ptr + offs, grad_x.to(dtype), mask=mask)
+    total = grad_x
+    if HAS_GRAD_D:
+        # autograd adds the two gradients of d1 in d1's dtype
+        total = (total + tl.load(grad_d1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)).to(dtype).to(COMPUTE)
+    grad_v = tl.where(m_eps1, total.to(PROD), 0.0)
+    tl.store(grad_d_ptr + offs, grad_v.to(grad_d_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + pid, tl.sum(grad_v * s, axis=0))
+
+
+def sign_step_fwd(
+    x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x1, d1)`` in x's dtype; ``g`` of any floating dtype (only its sign is read), ``a`` one element."""
+    x1 = torch.empty_like(x)
+    d1 = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return x1, d1
+    _sign_step_fwd_kernel[(num_programs(n),)](
+        x,
+        d,
+        g,
+        a,
+        x1,
+        d1,
+        n,
+        *split_scalar(float(eps)),
+        COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+        PROD=tl_dtype(compute_dtype(d.dtype, a.dtype)),
+        BLOCK_SIZE=BLOCK_SIZE,
+        num_warps=NUM_WARPS,
+    )
+    return x1, d1
+
+
+def sign_step_bwd(
+    grad_x1: torch.Tensor,
+    grad_d1: torch.Tensor | None,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_d, grad_a)``: like ``x``, like ``d``, and shaped and typed like ``a``."""
+    grad_x = torch.empty_like(x)
+    grad_d = torch.empty_like(d)
+    n = x.numel()
+    prod = compute_dtype(d.dtype, a.dtype)
+    grid = num_programs(n)
+    partials = torch.zeros(grid, dtype=prod, device=x.device)
+    if n > 0:
+        _sign_step_bwd_kernel[(grid,)](
+            grad_x1,
+            grad_d1 if grad_d1 is not None else grad_x1,
+            x,
+            d,
+            g,
+            a,
+            grad_x,
+            grad_d,
+            partials,
+            n,
+            *split_scalar(float(eps)),
+            HAS_GRAD_D=grad_d1 is not None,
+            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+            PROD=tl_dtype(prod),
+            BLOCK_SIZE=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return grad_x, grad_d, sum_partials(partials, a, a.dtype)
