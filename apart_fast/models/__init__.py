@@ -16,6 +16,7 @@ the *unperturbed* input (a projection shortcut reads the activation before the s
             super().__init__()
             self.bn1, self.site = nn.BatchNorm2d(cin), PerturbSite()
             self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride, cin) != (1, cout) else None
             ...
 
         def forward(self, x):
