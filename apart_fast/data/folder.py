@@ -256,8 +256,13 @@ def _decode_all(entries: list[tuple[Path, int]], root: Path, shown: str, desc: s
                 work(s)
         else:
             with ThreadPoolExecutor(max_workers=_DECODE_WORKERS) as pool:
-                for fut in [pool.submit(work, s) for s in starts]:
-                    fut.result()
+                futures = [pool.submit(work, s) for s in starts]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # stop decoding after the first bad file
+                    raise
     finally:
         progress.close()
     return out, grey
