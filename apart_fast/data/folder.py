@@ -113,6 +113,7 @@ def materialize_archive(archive: Path, cache_dir: Path, prepare: Callable[[Path]
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=root))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the committed cache should read like any folder
     try:
         _extract_into(archive, tmp / "tree")
         prepare(tmp)
@@ -300,6 +301,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
