@@ -1,3 +1,44 @@
-"""apart_fast: APART adversarial training with fused perturbation kernels."""
+"""apart_fast: APART adversarial training with fused perturbation kernels.
+
+Public API: ``load_model``, ``train``, ``Config``, the methods (``apart_fast.methods``), the ops
+(``apart_fast.ops``), the attacks (``apart_fast.attacks``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def load_model(path: str, map_location: str = "cpu") -> nn.Module:
+    """An eval-mode model from any checkpoint ``apart-fast train`` writes (model.pt or checkpoint.pt).
+
+    It takes float32 images in [0,1] of shape (N,C,H,W) and returns logits.
+    """
+    from apart_fast.engine import checkpoint
+    from apart_fast.models import model_from_config
+
+    state = checkpoint.load(path, map_location=map_location)
+    if "model_config" not in state or "model" not in state:
+        raise checkpoint.CheckpointError(f"{path} holds no model; pass model.pt or checkpoint.pt from apart-fast train")
+    model = model_from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def train(config: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Train with a ``Config`` (or keyword overrides of the defaults); returns results incl. the model."""
+    from apart_fast.config import Config
+    from apart_fast.engine.loop import train as _train
+
+    cfg = config if config is not None else Config()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return _train(cfg)
+
+
+__all__ = ["__version__", "load_model", "train"]

@@ -1,0 +1,156 @@
+"""Argument parsing only: every subcommand calls into the library. ``apart-fast`` == ``python -m apart_fast``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from apart_fast.config import DATASETS, METHODS, MODELS, ApartConfig, Config
+
+HELP = {
+    "method": "training method",
+    "dataset": "dataset name; 'digits' is bundled (no download)",
+    "data_dir": "folder or .tar.gz in ImageFolder layout with train/ and test/, or torchvision's CIFAR folder",
+    "model": "architecture",
+    "width": "first stage's channels (preact18: 64 is the paper's)",
+    "eps": "training L-inf budget in [0,1] image units (8/255 = 0.0314)",
+    "lr": "peak of the model's cyclic learning rate",
+    "device": "cpu, cuda or cuda:N",
+    "backend": "perturbation-op backend: auto, torch, cpp, triton, cuda",
+    "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
+}
+CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect")}
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One --flag per dataclass field; bools get --flag / --no-flag."""
+    for f in dataclasses.fields(cls):
+        if f.name == "apart":
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        dest = prefix + f.name
+        default = f.default
+        help_ = HELP.get(f.name, "") + (f" (default {default})" if default is not None else "")
+        if isinstance(default, bool) or f.type in ("bool", "bool | None"):
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif f.type in ("int", "int | None"):
+            p.add_argument(flag, dest=dest, type=int, default=default, help=help_)
+        elif f.type in ("float", "float | None"):
+            p.add_argument(flag, dest=dest, type=_float, default=default, help=help_)
+        else:
+            p.add_argument(flag, dest=dest, default=default, choices=CHOICES.get(f.name), help=help_)
+
+
+def _float(s: str) -> float:
+    """A float, also written as a fraction such as 8/255."""
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number (e.g. 0.03 or 8/255)") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The run's Config from parsed train arguments."""
+    values = vars(args)
+    apart = ApartConfig(**{f.name: values["apart_" + f.name] for f in dataclasses.fields(ApartConfig)})
+    kw = {f.name: values[f.name] for f in dataclasses.fields(Config) if f.name != "apart"}
+    return Config(apart=apart, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apart-fast", description="APART adversarial training, fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model with one method")
+    _add_fields(t, Config)
+    _add_fields(t, ApartConfig, prefix="apart_")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="clean, PGD and CW-loss PGD accuracy of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by apart-fast train")
+    e.add_argument("--dataset", default="digits", choices=DATASETS)
+    e.add_argument("--data-dir")
+    e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
+    e.add_argument("--eps", type=_float, default=8 / 255)
+    e.add_argument("--step", type=_float, default=2 / 255)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--restarts", type=int, default=1)
+    e.add_argument("--loss", choices=("ce", "cw", "both"), default="both")
+    e.add_argument("--n", type=int, default=None, help="evaluate the first N test examples only")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    d = sub.add_parser("demo", help="APART vs PGD-10 vs FGSM-RS vs clean on the bundled digits data (CPU)")
+    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--methods", default="clean,fgsm_rs,pgd,apart")
+    d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from apart_fast.data import DataError
+    from apart_fast.engine.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "demo":
+            return _demo(args)
+    except (ValueError, DataError, CheckpointError) as err:
+        print(f"apart-fast: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from apart_fast.engine.loop import train
+
+    if args.resume:
+        args.out = args.resume
+    cfg = config_from_args(args)
+    res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from apart_fast.experiments import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                              eps=args.eps, step=args.step, steps=args.steps, restarts=args.restarts, loss=args.loss,
+                              n=args.n, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                              backend=args.backend)
+    print(json.dumps(res, indent=2) if args.json else _kv_table(res))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from apart_fast.experiments import demo, format_table
+
+    rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out)
+    print(format_table(rows))
+    return 0
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    return "\n".join(f"{k:>16}: {v}" for k, v in d.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

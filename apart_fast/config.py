@@ -1,0 +1,115 @@
+"""One dataclass for a run: every knob with its unit, saved with every checkpoint and result."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+METHODS = ("clean", "fgsm", "fgsm_rs", "free", "pgd", "apart")
+MODELS = ("preact18", "wrn34_10", "smallcnn")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the value and the fix."""
+
+
+@dataclass
+class ApartConfig:
+    """APART's generator; defaults are the authors' released script (see ../shared/APART.md)."""
+
+    a_init: float = 1e-4  # initial scale of the stored initialisation (image units)
+    a_in: float = 1e-4  # initial input step size (image units)
+    a_layer: float = 0.0  # initial step size of every block's layer perturbation
+    omega_std: float = 1e-3  # std of the N(0, std^2) noise the per-example store starts from
+    lr: float = 5e-8  # peak of the generator's cyclic learning rate (0 -> lr -> 0)
+    weight_decay: float = 400.0  # L2 penalty lambda: ascent on L2 - (lambda/2) * sum(a^2)
+    max_step: float = 1.0  # hard clamp on |a| after every update, a last resort against run-away
+    layer_perturb: bool = True  # False: the ablation without layer-wise perturbations
+    freeze_bn_pass1: bool = False  # True: pass 1 leaves BatchNorm running statistics untouched
+    legacy_model_decay: bool = False  # True: PyTorch 1.3 behaviour, the model's SGD also decays the step sizes
+
+
+@dataclass
+class Config:
+    """A training run. Image values are in [0,1]; eps and step sizes are in those units."""
+
+    method: str = "apart"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "smallcnn"
+    width: int | None = None  # first stage's channels (preact18: 64 is the paper's)
+    epochs: int = 10
+    batch_size: int = 128
+    eps: float = 8 / 255  # training L-inf budget
+    lr: float = 0.2  # peak of the model's cyclic learning rate (0 -> lr -> 0, stepped per iteration)
+    momentum: float = 0.9  # cycled momentum -> momentum_low -> momentum, as CyclicLR does
+    momentum_low: float = 0.8
+    weight_decay: float = 2e-4
+    pgd_steps: int = 10  # PGD-k training
+    pgd_step: float = 2 / 255
+    fgsm_step: float | None = None  # None: eps for fgsm, 1.25*eps for fgsm_rs
+    free_replays: int = 8  # Free's m; it runs ceil(epochs/m) passes over the data, m replays each
+    apart: ApartConfig = field(default_factory=ApartConfig)
+    pad: int | None = None  # crop padding; None: the dataset's default (4 for 32x32)
+    pad_mode: str = "constant"
+    pad_value: float = 0.5  # fill of constant padding (the APART script uses 0.5)
+    flip: bool | None = None  # None: the dataset's default
+    normalize: bool = False  # per-channel normalisation inside the model (the APART script uses none)
+    eval_eps: float = 8 / 255
+    eval_step: float = 2 / 255
+    eval_steps: int = 10  # PGD-k on the held-out slice after each epoch
+    eval_every: int = 1  # epochs between held-out evaluations
+    eval_n: int = 512  # size of the held-out slice (taken from the test split)
+    final_eval_steps: int = 20  # PGD-20 on the whole test split at the end; 0: clean accuracy only
+    final_eval_restarts: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    backend: str = "auto"  # perturbation-op backend: auto, torch, cpp, triton, cuda
+    log_interval: int = 50  # steps between reads of the on-device running metrics
+    out: str | None = None
+
+    def validate(self) -> Config:
+        """Raise ConfigError on the first bad value; return self so calls chain."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name in ("eps", "eval_eps"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]; images are in [0,1], e.g. 8/255 = 0.0314")
+        for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
+        for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; pass a value >= 0")
+        for name in ("pgd_steps", "eval_steps", "final_eval_steps", "eval_n"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; pass a value >= 0")
+        if self.fgsm_step is not None and self.fgsm_step <= 0:
+            raise ConfigError(f"--fgsm-step {self.fgsm_step} must be positive")
+        a = self.apart
+        for name in ("a_init", "a_in", "a_layer", "omega_std", "lr", "weight_decay"):
+            if getattr(a, name) < 0:
+                raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} is negative; step sizes and rates are >= 0")
+        if a.a_init == 0:
+            raise ConfigError("--apart-a-init 0 makes the omega update ratio a_in/a_init infinite; pass a positive value")
+        if self.pad_mode not in ("constant", "reflect"):
+            raise ConfigError(f"--pad-mode {self.pad_mode!r}; choose constant or reflect")
+        if self.width is not None and self.width < 1:
+            raise ConfigError(f"--width {self.width} must be a positive integer")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """Inverse of to_dict; unknown keys are an error so a foreign file is not half-read."""
+        d = dict(d)
+        apart = ApartConfig(**d.pop("apart", {}))
+        return cls(apart=apart, **d)

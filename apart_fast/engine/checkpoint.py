@@ -1,0 +1,80 @@
+"""Checkpoint files: atomic writes (temp file, fsync, rename), a format version and a checksum.
+
+Layout: one header line of JSON (magic, format version, payload length, payload sha256), then the
+payload, a ``torch.save`` of plain containers and tensors read back with ``weights_only=True``.
+A truncated, corrupted or foreign file gives a one-line ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = "apart_fast-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of ``data``, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Serialise ``payload`` with a header carrying the format version and the payload's sha256."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = {"magic": MAGIC, "format": FORMAT_VERSION, "length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    atomic_write_bytes(path, json.dumps(header).encode() + b"\n" + body)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a file written by ``save``, verifying header, length and checksum first."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a model.pt or checkpoint.pt written by apart-fast train")
+    with open(path, "rb") as f:
+        first = f.readline(4096)
+        try:
+            header = json.loads(first)
+            ok = isinstance(header, dict) and header.get("magic") == MAGIC
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path} is not an apart_fast checkpoint; pass a file written by apart-fast train")
+        if header["format"] > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has format {header['format']}, newer than this apart_fast ({FORMAT_VERSION}); upgrade apart_fast"
+            )
+        body = f.read()
+    if len(body) != header["length"]:
+        raise CheckpointError(f"{path} is truncated ({len(body)} of {header['length']} bytes); use an earlier checkpoint or retrain")
+    if hashlib.sha256(body).hexdigest() != header["sha256"]:
+        raise CheckpointError(f"{path} fails its checksum (corrupted); use an earlier checkpoint or retrain")
+    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)

@@ -1,0 +1,173 @@
+"""APART (Li et al. 2020): a learnable perturbation generator trained by gradient ascent beside the model.
+
+The generator is a per-example initialisation store ``omega`` (padded image frame, aligned through
+crop and flip), an initialisation scale ``a_init``, an input step ``a_in`` and one step ``a_b`` per
+residual block (a ``PerturbSite``). One step is two forward/backward passes; see ../shared/APART.md
+for every equation. Defaults follow the authors' released script; the step sizes are updated by
+their own optimizer only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the model's SGD).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apart_fast import ops
+from apart_fast.engine.schedule import CyclicSchedule
+from apart_fast.methods.base import Method
+from apart_fast.models.sites import applying, find_sites, recording
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from apart_fast.data import Batch
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """BatchNorm layers normalise with batch statistics but leave their running statistics alone."""
+    saved = []
+    if enabled:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                saved.append((m, m.momentum))
+                m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+
+
+class Apart(Method):
+    """Two passes per step: pass 1 finds the input and per-block gradient signs at the learned
+    initialisation, pass 2 trains the model on the perturbed input with layer-wise perturbations,
+    and the step sizes ascend on pass 2's loss."""
+
+    name = "apart"
+    passes = 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        a = self.cfg.apart
+        self.sites = find_sites(self.model) if a.layer_perturb else []
+        if a.layer_perturb and not self.sites:
+            raise ValueError(
+                "the model has no PerturbSite; mark the activation feeding each residual block's first conv "
+                "with apart_fast.models.PerturbSite(), or pass --apart-no-layer-perturb"
+            )
+        dev = self.device
+        self.a_init = nn.Parameter(torch.tensor(a.a_init, device=dev))
+        self.a_in = nn.Parameter(torch.tensor(a.a_in, device=dev))
+        self.a_layer = nn.Parameter(torch.full((len(self.sites),), a.a_layer, device=dev))
+        info = self.info
+        shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
+        self.store = (torch.randn(shape, generator=gen) * a.omega_std).to(dev)
+        self.gen_optimizer = torch.optim.SGD(
+            self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay
+        )
+        self.gen_schedule: CyclicSchedule | None = None
+
+    def step_sizes(self) -> list[nn.Parameter]:
+        """The generator's learnable scalars, in a fixed order."""
+        return [self.a_init, self.a_in, self.a_layer]
+
+    def extra_model_params(self) -> list[nn.Parameter]:
+        return self.step_sizes() if self.cfg.apart.legacy_model_decay else []
+
+    def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
+        super().attach(optimizer, schedule, total_steps)
+        m = (self.cfg.momentum, self.cfg.momentum_low)
+        self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, self.cfg.apart.lr, m)
+
+    def _pass1(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Initialise from the store and take pass 1's input and per-block gradient signs (no parameter grads)."""
+        x, y, eps, be = batch.x, batch.y, self.cfg.eps, self.cfg.backend
+        omega = ops.omega_gather(self.store, batch.index, batch.crop, batch.flip, x.shape[-2:], backend=be)
+        x0, d0 = ops.perturb_init(x, omega, self.a_init, eps, backend=be)
+        x0_leaf = x0.detach().requires_grad_(True)
+        with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1):
+            loss1 = F.cross_entropy(self.model(x0_leaf), y)
+            hs = [s.recorded for s in self.sites]
+        grads = torch.autograd.grad(loss1, [x0_leaf, *hs])
+        signs = [ops.pack_sign(g, backend=be) for g in grads[1:]]
+        return omega, d0, grads[0], signs
+
+    def perturb(self, batch: Batch) -> Tensor:
+        _, d0, g_x, _ = self._pass1(batch)
+        x1, _ = ops.sign_step(batch.x, d0, g_x, self.a_in, self.cfg.eps, backend=self.cfg.backend)
+        return x1.detach()
+
+    def forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both passes and pass 2's backward: leaves dL2/dtheta and dL2/da in ``.grad``.
+
+        Returns pass 2's loss and logits, dL2/dx1, and the omega-update ratio a_in/a_init taken
+        before any step-size update.
+        """
+        x, y, be = batch.x, batch.y, self.cfg.backend
+        _, d0, g_x, signs = self._pass1(batch)
+        x1, _ = ops.sign_step(x, d0, g_x, self.a_in, self.cfg.eps, backend=be)
+        x1.retain_grad()
+        alphas = [self.a_layer[i] for i in range(len(self.sites))]
+        with applying(self.sites, signs, alphas, backend=be):
+            logits = self.model(x1)
+        loss2 = F.cross_entropy(logits, y)
+        ratio = (self.a_in / self.a_init).detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.gen_optimizer.zero_grad(set_to_none=True)
+        loss2.backward()
+        return loss2, logits, x1.grad, ratio
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        loss2, logits, g_x1, ratio = self.forward_backward(batch)
+        self._ascend()
+        self.optimizer.step()
+        self.schedule.step()
+        ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g_x1, ratio, backend=self.cfg.backend)
+        return self.metrics(loss2, logits, batch.y)
+
+    def _ascend(self) -> None:
+        """Gradient ascent on the step sizes (their own SGD, L2 penalty as weight decay), then the hard clamp."""
+        for p in self.step_sizes():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.neg_()
+        self.gen_optimizer.step()
+        self.gen_schedule.step()
+        bound = self.cfg.apart.max_step
+        with torch.no_grad():
+            for p in self.step_sizes():
+                p.clamp_(-bound, bound)
+        for p in self.step_sizes():
+            # legacy_model_decay: the model's SGD then sees zero gradients (PyTorch 1.3's zero_grad);
+            # otherwise None, so it skips them.
+            p.grad = torch.zeros_like(p) if self.cfg.apart.legacy_model_decay else None
+
+    def log_values(self) -> dict[str, float]:
+        vals = {"a_init": float(self.a_init.detach()), "a_in": float(self.a_in.detach())}
+        vals.update({f"a_layer{i}": float(v) for i, v in enumerate(self.a_layer.detach().cpu())})
+        return vals
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "step_sizes": [p.detach().clone() for p in self.step_sizes()],
+            "store": self.store,
+            "gen_optimizer": self.gen_optimizer.state_dict(),
+            "gen_schedule": self.gen_schedule.state_dict() if self.gen_schedule else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for p, v in zip(self.step_sizes(), state["step_sizes"]):
+                p.copy_(v)
+        self.store.copy_(state["store"])
+        self.gen_optimizer.load_state_dict(state["gen_optimizer"])
+        if self.gen_schedule is not None and state["gen_schedule"] is not None:
+            self.gen_schedule.load_state_dict(state["gen_schedule"])

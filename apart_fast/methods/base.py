@@ -1,0 +1,103 @@
+"""The interface every training method shares, so the engine never branches on a method's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apart_fast.config import Config
+from apart_fast.engine.schedule import CyclicSchedule
+
+if TYPE_CHECKING:
+    from apart_fast.data import Batch
+
+
+@dataclass
+class DataInfo:
+    """What a method needs to know about the training data."""
+
+    n_train: int
+    channels: int
+    height: int
+    width: int
+    pad: int
+
+
+class Method:
+    """One training method: ``step(batch)`` does one update and returns on-device metric sums.
+
+    A method owns the model's optimizer step (Free replays it, APART adds a second optimizer) but
+    not the optimizer itself, which the engine builds and checkpoints.
+    """
+
+    name: ClassVar[str]
+    passes: ClassVar[int]  # forward+backward passes per step, for the cost report
+    data_passes_divisor: ClassVar[int] = 1  # Free divides the number of passes over the data
+
+    def __init__(self, model: nn.Module, cfg: Config, info: DataInfo, device: torch.device) -> None:
+        self.model, self.cfg, self.info, self.device = model, cfg, info, torch.device(device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: CyclicSchedule | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed + 1)
+
+    def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
+        """Give the method the model optimizer and its schedule (called once by the engine)."""
+        self.optimizer, self.schedule = optimizer, schedule
+
+    def extra_model_params(self) -> list[nn.Parameter]:
+        """Parameters beyond the model's that the model optimizer must also hold (usually none)."""
+        return []
+
+    def perturb(self, batch: Batch) -> Tensor:
+        """The input this method trains on for ``batch`` (no parameter update)."""
+        raise NotImplementedError
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One training update; returns summed loss, correct count and example count as device tensors."""
+        x_adv = self.perturb(batch).detach()
+        return self.descend(x_adv, batch.y)
+
+    def descend(self, x_in: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Forward, backward and one model-optimizer step on ``x_in``."""
+        logits = self.model(x_in)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return self.metrics(loss, logits, y)
+
+    @staticmethod
+    def metrics(loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+        n = y.numel()
+        return {
+            "loss": loss.detach() * n,
+            "correct": (logits.detach().argmax(1) == y).sum(),
+            "n": torch.tensor(n, device=y.device),
+        }
+
+    def input_grad(self, x_adv: Tensor, y: Tensor) -> Tensor:
+        """dCE/dx at ``x_adv``: input gradient only, no parameter gradient accumulated."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(self.model(x_adv), y)
+        return torch.autograd.grad(loss, x_adv)[0]
+
+    def uniform_start(self, x: Tensor, eps: float) -> Tensor:
+        """x + U(-eps, eps) noise from the method's own generator, clamped to [0,1]."""
+        noise = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return torch.clamp(x + (2 * noise - 1) * eps, 0.0, 1.0)
+
+    def log_values(self) -> dict[str, float]:
+        """Per-epoch values worth logging besides loss and accuracy (APART's step sizes)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,60 @@
+"""Free adversarial training (Shafahi et al. 2019): each batch replayed m times, one backward per replay
+giving both the model update and the next perturbation, which carries over to the next batch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apart_fast import ops
+from apart_fast.methods.base import Method
+
+if TYPE_CHECKING:
+    from apart_fast.data import Batch
+
+
+class Free(Method):
+    """m replays per batch; the perturbation persists across replays and batches."""
+
+    name = "free"
+    passes = 1  # per replay; a step is m replays, see step()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.passes = self.cfg.free_replays
+        self.data_passes_divisor = self.cfg.free_replays
+        self.delta: Tensor | None = None
+
+    def _delta_for(self, x: Tensor) -> Tensor:
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta = torch.zeros_like(x)
+        return self.delta
+
+    def perturb(self, batch: Batch) -> Tensor:
+        return torch.clamp(batch.x + self._delta_for(batch.x), 0.0, 1.0)
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        x, y, eps = batch.x, batch.y, self.cfg.eps
+        out: dict[str, Tensor] = {}
+        for _ in range(self.cfg.free_replays):
+            x_adv = torch.clamp(x + self._delta_for(x), 0.0, 1.0).requires_grad_(True)
+            logits = self.model(x_adv)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # The same backward yields the input gradient for the next perturbation.
+            self.delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
+            self.optimizer.step()
+            self.schedule.step()
+            out = self.metrics(loss, logits, y)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "delta": self.delta}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.delta = state["delta"]
