@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from typing import Any
@@ -22,6 +23,11 @@ HELP = {
     "backend": "perturbation-op backend: auto, torch, cpp, triton, cuda",
     "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
 }
+# Subcommands that live beside their library code: (name, module with add_arguments/run, help).
+EXTENSIONS = (
+    ("bench", "apart_fast.bench.cli", "kernel throughput and training cost against PGD-10"),
+    ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
+)
 CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect")}
 
 
@@ -91,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    for name, module, help_ in EXTENSIONS:
+        ext = importlib.import_module(module)
+        ext.add_arguments(sub.add_parser(name, help=help_, description=help_))
+
     d = sub.add_parser("demo", help="APART vs PGD-10 vs FGSM-RS vs clean on the bundled digits data (CPU)")
     d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--methods", default="clean,fgsm_rs,pgd,apart")
@@ -112,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "demo":
             return _demo(args)
+        for name, module, _ in EXTENSIONS:
+            if args.command == name:
+                return importlib.import_module(module).run(args)
     except (ValueError, DataError, CheckpointError) as err:
         print(f"apart-fast: error: {err}", file=sys.stderr)
         return 2

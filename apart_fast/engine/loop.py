@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from apart_fast.attacks import evaluate
 from apart_fast.config import Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
+from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, Method, build_method
 from apart_fast.models import build_model
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "results.json")
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "results.json", "config.json")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +91,7 @@ class Run:
         self.holdout = torch.randperm(n_test, generator=g)[: min(cfg.eval_n, n_test)]
         self.epoch = 0
         self.train_seconds = 0.0
+        self.best_robust, self.best_epoch = -1.0, 0  # held-out robust accuracy of model_best.pt
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +106,7 @@ class Run:
             "rng_cpu": torch.get_rng_state(),
             "epoch": self.epoch,
             "train_seconds": self.train_seconds,
+            "best": [self.best_robust, self.best_epoch],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -122,6 +125,7 @@ class Run:
         torch.set_rng_state(state["rng_cpu"])
         self.epoch = int(state["epoch"])
         self.train_seconds = float(state["train_seconds"])
+        self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
 
     def model_payload(self) -> dict[str, Any]:
         """What ``load_model`` needs: the model's constructor config and weights, plus provenance."""
@@ -194,16 +198,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
             ev = run.evaluate(hx, hy, steps=cfg.eval_steps)
             rec.update(holdout_clean_acc=ev["clean_acc"], holdout_robust_acc=ev["robust_acc"])
         rec.update(run.method.log_values())
+        rec.update(epoch_probe(run))
+        robust = rec.get("holdout_robust_acc")
+        improved = robust is not None and robust > run.best_robust
+        if improved:
+            run.best_robust, run.best_epoch = robust, run.epoch
+        rec.update(best_epoch=run.best_epoch, best_holdout_robust_acc=run.best_robust)
         history.append(rec)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if improved:
+                checkpoint.save(out / "model_best.pt", run.model_payload())
             checkpoint.save(out / "checkpoint.pt", run.state_dict())
             checkpoint.save(out / "model.pt", run.model_payload())
         if progress:
             desc = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and not k.startswith("a_"))
             tqdm.write(f"[{cfg.method}] epoch {rec['epoch']}: {desc}")
     results: dict[str, Any] = {"method": cfg.method, "epochs": run.epochs, "train_seconds": run.train_seconds,
+                               "best_epoch": run.best_epoch, "best_holdout_robust_acc": run.best_robust,
                                "passes_per_step": run.method.passes, "steps_per_epoch": len(run.loader),
                                "device": str(run.device), "history": history}
     ev = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps, restarts=cfg.final_eval_restarts,

@@ -1,0 +1,1 @@
+"""Benchmarks users run: kernel throughput and training cost."""
