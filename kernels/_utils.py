@@ -62,6 +62,22 @@ def _to_f32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
+@functools.cache
+def clamp_grad_passes_at_bound() -> bool:
+    """Whether the installed PyTorch's ``clamp`` with scalar bounds passes the gradient at exactly a bound.
+
+    The reference's gradients are PyTorch autograd's, and PyTorch's convention is version-dependent (older
+    releases pass it, ``lo <= v <= hi``; 2.14 blocks it, ``lo < v < hi``), so it is measured once, on the CPU.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        v = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(torch.clamp(v, 0.0, 1.0).sum(), v)
+    lo_passes, hi_passes = (bool(g != 0) for g in grad)
+    if lo_passes != hi_passes:
+        raise RuntimeError(f"apart_fast.kernels: torch.clamp's gradient at its bounds is asymmetric ({grad.tolist()})")
+    return lo_passes
+
+
 def num_programs(n_elements: int, block: int = BLOCK_SIZE) -> int:
     """Programs of a 1-D grid covering ``n_elements`` in blocks of ``block``."""
     return triton.cdiv(n_elements, block)
@@ -97,6 +113,9 @@ def clamp(v, lo, hi):
 
 
 @triton.jit
-def inside(v, lo, hi):
-    """Where ``clamp(v, lo, hi)`` passes its gradient (PyTorch: ``lo <= v <= hi``, so the bounds pass)."""
-    return (v >= lo) & (v <= hi)
+def inside(v, lo, hi, BOUND_PASSES: tl.constexpr):
+    """Where ``clamp(v, lo, hi)`` passes its gradient: ``lo <= v <= hi``, or ``lo < v < hi`` if not BOUND_PASSES."""
+    if BOUND_PASSES:
+        return (v >= lo) & (v <= hi)
+    else:
+        return (v > lo) & (v < hi)

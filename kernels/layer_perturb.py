@@ -82,7 +82,5 @@ def layer_perturb_bwd(grad_out: torch.Tensor, s: torch.Tensor, dtype: torch.dtyp
     grid = num_programs(n)
     partials = torch.zeros(grid, dtype=acc, device=grad_out.device)
     if n > 0:
-        _layer_perturb_bwd_kernel[(grid,)](
-            grad_out, s, partials, n, ACC=tl_dtype(acc), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
-        )
+        _layer_perturb_bwd_kernel[(grid,)](grad_out, s, partials, n, ACC=tl_dtype(acc), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return sum_partials(partials, None, dtype or acc)

@@ -17,6 +17,7 @@ from ._utils import (
     BLOCK_SIZE,
     NUM_WARPS,
     clamp,
+    clamp_grad_passes_at_bound,
     compute_dtype,
     inside,
     num_programs,
@@ -69,6 +70,7 @@ def _perturb_init_bwd_kernel(
     eps_mid,
     eps_lo,
     HAS_GRAD_D: tl.constexpr,
+    BOUND_PASSES: tl.constexpr,  # clamp's gradient passes at exactly its bound (PyTorch-version dependent)
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -82,10 +84,10 @@ def _perturb_init_bwd_kernel(
     omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     v = a * omega
-    m_eps0 = inside(v, -eps, eps)
+    m_eps0 = inside(v, -eps, eps, BOUND_PASSES)
     d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.
-    m_img = inside((x + d0).to(dtype).to(COMPUTE), 0.0, 1.0)
+    m_img = inside((x + d0).to(dtype).to(COMPUTE), 0.0, 1.0, BOUND_PASSES)
     grad_x0 = tl.load(grad_x0_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     grad_x = tl.where(m_img, grad_x0, 0.0)
     tl.store(grad_x_ptr + offs, grad_x.to(dtype), mask=mask)
@@ -97,9 +99,7 @@ def _perturb_init_bwd_kernel(
     tl.store(partial_ptr + pid, tl.sum(term, axis=0))
 
 
-def perturb_init_fwd(
-    x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0, d0)`` in x's dtype; ``omega`` may have another dtype, ``a_init`` is a one-element tensor."""
     x0 = torch.empty_like(x)
     d0 = torch.empty_like(x)
@@ -148,6 +148,7 @@ def perturb_init_bwd(
             partials,
             n,
             *split_scalar(float(eps)),
+            BOUND_PASSES=clamp_grad_passes_at_bound(),
             HAS_GRAD_D=grad_d0 is not None,
             COMPUTE=tl_dtype(compute_dtype(x.dtype)),
             PROD=tl_dtype(prod),

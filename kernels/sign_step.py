@@ -14,6 +14,7 @@ from ._utils import (
     BLOCK_SIZE,
     NUM_WARPS,
     clamp,
+    clamp_grad_passes_at_bound,
     compute_dtype,
     inside,
     num_programs,
@@ -72,6 +73,7 @@ def _sign_step_bwd_kernel(
     eps_mid,
     eps_lo,
     HAS_GRAD_D: tl.constexpr,
+    BOUND_PASSES: tl.constexpr,  # clamp's gradient passes at exactly its bound (PyTorch-version dependent)
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -86,10 +88,10 @@ def _sign_step_bwd_kernel(
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
     s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
     v = d + a * s
-    m_eps1 = inside(v, -eps, eps)
+    m_eps1 = inside(v, -eps, eps, BOUND_PASSES)
     d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.
-    m_img = inside((x + d1).to(dtype).to(COMPUTE), 0.0, 1.0)
+    m_img = inside((x + d1).to(dtype).to(COMPUTE), 0.0, 1.0, BOUND_PASSES)
     grad_x1 = tl.load(grad_x1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     grad_x = tl.where(m_img, grad_x1, 0.0)
     tl.store(grad_x_ptr + offs, grad_x.to(dtype), mask=mask)
@@ -102,9 +104,7 @@ def _sign_step_bwd_kernel(
     tl.store(partial_ptr + pid, tl.sum(grad_v * s, axis=0))
 
 
-def sign_step_fwd(
-    x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x1, d1)`` in x's dtype; ``g`` of any floating dtype (only its sign is read), ``a`` one element."""
     x1 = torch.empty_like(x)
     d1 = torch.empty_like(x)
@@ -157,6 +157,7 @@ def sign_step_bwd(
             partials,
             n,
             *split_scalar(float(eps)),
+            BOUND_PASSES=clamp_grad_passes_at_bound(),
             HAS_GRAD_D=grad_d1 is not None,
             COMPUTE=tl_dtype(compute_dtype(x.dtype)),
             PROD=tl_dtype(prod),

@@ -1,0 +1,398 @@
+"""Triton kernels (``apart_fast.kernels``) against the pure-PyTorch reference and its autograd.
+
+Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set below, before Triton is
+imported); with one, the same tests run on CUDA tensors (marker ``gpu``) and add bf16.
+
+Exactness: the kernels round to the storage dtype wherever the reference holds a tensor of that dtype, so given
+the same ``g`` every sign/clamp/mask path and every elementwise output equals the reference bit for bit; only the
+step-size reductions (``dL/da``) and fp16/bf16 ``pgd_step`` (scalar rounding) carry a tolerance, justified where
+it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton and of any kernel module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the Triton kernels cannot run")
+
+from apart_fast.ops import reference as R  # noqa: E402
+
+try:
+    import apart_fast.kernels as K
+except ModuleNotFoundError:  # source checkout that was not pip-installed: kernels/ is importable from the root
+    import kernels as K  # type: ignore[no-redef]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_SUBMODULES = ("_utils", "perturb_init", "sign_step", "pack_sign", "layer_perturb", "omega", "pgd_step")
+
+
+def _reload_interpreted(pkg):
+    """Re-create the kernels as interpreted functions when another test imported them before the variable was set."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(sys.modules[f"{pkg.__name__}.perturb_init"]._perturb_init_fwd_kernel, InterpretedFunction):
+        return pkg
+    for name in _SUBMODULES:
+        importlib.reload(sys.modules[f"{pkg.__name__}.{name}"])
+    return importlib.reload(pkg)
+
+
+if INTERPRET:
+    K = _reload_interpreted(K)
+
+_UTILS = sys.modules[f"{K.__name__}._utils"]
+BLOCK_SIZE: int = _UTILS.BLOCK_SIZE
+# PyTorch's clamp passes the gradient at exactly a bound in some versions and not in others (2.14: not);
+# the kernels follow the installed version, as the reference's autograd does.
+AT_BOUND: bool = _UTILS.clamp_grad_passes_at_bound()
+
+_HAS_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not _HAS_CUDA or INTERPRET, reason="needs a CUDA device (and no TRITON_INTERPRET)"),
+        ],
+    ),
+]
+DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16]
+SIZES = [1, 1023, 4100]
+EPS = 8 / 255
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request, device) -> torch.dtype:
+    if request.param == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter has no bf16")
+    return request.param
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _image(n: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """Pixels in [0, 1] with some exactly 0 and 1."""
+    x = torch.rand(n, generator=_gen(seed), dtype=torch.float64)
+    x[::7] = 0.0
+    x[3::7] = 1.0
+    return x.to(dtype).to(device)
+
+
+def _grad(n: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """A gradient with exact zeros (sign 0) in it."""
+    g = torch.randn(n, generator=_gen(seed), dtype=torch.float64)
+    g[5::11] = 0.0
+    return g.to(dtype).to(device)
+
+
+def _assert_sum_close(got: torch.Tensor, terms: torch.Tensor, acc: torch.dtype) -> None:
+    """``got`` is the kernel's sum of ``terms`` (the reference autograd's per-element gradient of ``a``).
+
+    The kernel sums each block of BLOCK_SIZE terms with a tree (depth log2(BLOCK_SIZE)), then torch.sum adds
+    the P = cdiv(n, BLOCK_SIZE) partials (depth <= P); one more rounding allows for a contracted (FMA) product.
+    A sum whose every term passes through at most k roundings is within k*u*sum|terms| of the exact sum
+    (Higham, Accuracy and Stability, 4.2), u the unit roundoff of the accumulation dtype; casting the sum to
+    the result's dtype adds half an ulp of that dtype. When the per-element terms are narrower than the
+    accumulation (fp64 data, fp32 ``a``: autograd casts each term to fp32), each carries one more rounding.
+    """
+    n = terms.numel()
+    u = 2.0**-53 if acc == torch.float64 else 2.0**-24
+    depth = math.log2(BLOCK_SIZE) + triton.cdiv(n, BLOCK_SIZE) + 1
+    exact = terms.double().sum().item()
+    if torch.finfo(terms.dtype).eps / 2 > u:
+        depth += torch.finfo(terms.dtype).eps / 2 / u
+    cast = torch.finfo(got.dtype).eps / 2 * abs(exact)
+    bound = depth * u * terms.double().abs().sum().item() + cast + 1e-300
+    assert got.numel() == 1
+    assert abs(got.double().item() - exact) <= bound, (got.item(), exact, bound)
+
+
+def _a(value: float, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.tensor([value], dtype=dtype, device=device)
+
+
+def _mask(status: str, device: str) -> torch.Tensor:
+    """Where a clamp passes the gradient, per element: i(nside), b(ound, passes iff AT_BOUND), o(utside)."""
+    return torch.tensor([c == "i" or (c == "b" and AT_BOUND) for c in status], dtype=torch.bool, device=device)
+
+
+def test_bound_convention_matches_pytorch():
+    for lo, hi, v in ((0.0, 1.0, 0.0), (0.0, 1.0, 1.0), (-EPS, EPS, EPS), (-EPS, EPS, -EPS)):
+        t = torch.tensor([v], requires_grad=True)
+        torch.clamp(t, lo, hi).backward(torch.ones(1))
+        assert bool(t.grad[0] != 0) == AT_BOUND
+
+
+def _per_element(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``a`` repeated per element, as a leaf: its gradient holds the terms whose sum is ``dL/da``."""
+    return a.detach().expand(like.shape).clone().requires_grad_()
+
+
+# ----------------------------------------------------------------------------------------------- perturb_init
+
+
+def _omega(n: int, device: str, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    w = torch.rand(n, generator=_gen(seed), dtype=torch.float64) * 2 - 1
+    w[2::13] = 0.0
+    return w.to(dtype).to(device)
+
+
+def _ref_perturb_init(x, omega, a, eps, gx0, gd0):
+    xr = x.clone().requires_grad_()
+    af = _per_element(a, omega)
+    x0, d0 = R.perturb_init(xr, omega, af, eps)
+    outs, grads = [x0], [gx0]
+    if gd0 is not None:
+        outs.append(d0)
+        grads.append(gd0)
+    torch.autograd.backward(outs, grads)
+    return x0.detach(), d0.detach(), xr.grad, af.grad
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_perturb_init_fwd(device, dtype, n):
+    x, omega, a = _image(n, dtype, device, 0), _omega(n, device, 1), _a(0.05, device)  # |a*omega| up to 0.05 > eps
+    x0, d0 = K.perturb_init_fwd(x, omega, a, EPS)
+    rx0, rd0 = R.perturb_init(x, omega, a, EPS)
+    assert x0.dtype == d0.dtype == dtype
+    torch.testing.assert_close(x0, rx0, rtol=0, atol=0)
+    torch.testing.assert_close(d0, rd0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("with_grad_d", [True, False])
+def test_perturb_init_bwd(device, dtype, n, with_grad_d):
+    x, omega, a = _image(n, dtype, device, 2), _omega(n, device, 3), _a(0.05, device)
+    gx0 = _grad(n, dtype, device, 4)
+    gd0 = _grad(n, dtype, device, 5) if with_grad_d else None
+    grad_x, grad_a = K.perturb_init_bwd(gx0, gd0, x, omega, a, EPS)
+    *_, ref_gx, terms = _ref_perturb_init(x, omega, a, EPS, gx0, gd0)
+    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0)
+    assert grad_a.shape == a.shape and grad_a.dtype == a.dtype
+    _assert_sum_close(grad_a, terms, torch.float32)
+
+
+def test_perturb_init_bounds(device, dtype):
+    """Elements exactly at +-eps and at 0/1 follow PyTorch's clamp convention, elements past them pass nothing."""
+    eps = 1 / 32
+    omega = torch.tensor([1, -1, 2, -2, 0, 0.5, 1, -1], dtype=torch.float32, device=device) / 32
+    x = torch.tensor([31 / 32, 1 / 32, 0.5, 0.5, 0, 1, 0, 1], dtype=dtype, device=device)
+    a = _a(1.0, device)
+    gx0, gd0 = _grad(8, dtype, device, 6) + 3, _grad(8, dtype, device, 7)  # gx0 has no zero
+    x0, d0 = K.perturb_init_fwd(x, omega, a, eps)
+    grad_x, grad_a = K.perturb_init_bwd(gx0, gd0, x, omega, a, eps)
+    rx0, rd0, ref_gx, terms = _ref_perturb_init(x, omega, a, eps, gx0, gd0)
+    torch.testing.assert_close(x0, rx0, rtol=0, atol=0)
+    torch.testing.assert_close(d0, rd0, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0)
+    assert torch.equal(grad_x != 0, _mask("bbiiboii", device))
+    m_eps0 = _mask("bbooiibb", device)
+    assert torch.equal(terms[~m_eps0], torch.zeros_like(terms[~m_eps0]))
+    _assert_sum_close(grad_a, terms, torch.float32)
+
+
+# -------------------------------------------------------------------------------------------------- sign_step
+
+
+def _delta(n: int, dtype: torch.dtype, device: str, seed: int, eps: float = EPS) -> torch.Tensor:
+    d = (torch.rand(n, generator=_gen(seed), dtype=torch.float64) * 2 - 1) * eps
+    d[1::9] = eps
+    return d.to(dtype).to(device)
+
+
+def _ref_sign_step(x, d, g, a, eps, gx1, gd1):
+    xr, dr = x.clone().requires_grad_(), d.clone().requires_grad_()
+    af = _per_element(a, d)
+    x1, d1 = R.sign_step(xr, dr, g, af, eps)
+    outs, grads = [x1], [gx1]
+    if gd1 is not None:
+        outs.append(d1)
+        grads.append(gd1)
+    torch.autograd.backward(outs, grads)
+    return x1.detach(), d1.detach(), xr.grad, dr.grad, af.grad
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_step_fwd(device, dtype, n):
+    x, d, g, a = _image(n, dtype, device, 10), _delta(n, dtype, device, 11), _grad(n, dtype, device, 12), _a(0.01, device)
+    x1, d1 = K.sign_step_fwd(x, d, g, a, EPS)
+    rx1, rd1 = R.sign_step(x, d, g, a, EPS)
+    assert x1.dtype == d1.dtype == dtype
+    torch.testing.assert_close(x1, rx1, rtol=0, atol=0)
+    torch.testing.assert_close(d1, rd1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("with_grad_d", [True, False])
+def test_sign_step_bwd(device, dtype, n, with_grad_d):
+    x, d, g, a = _image(n, dtype, device, 13), _delta(n, dtype, device, 14), _grad(n, dtype, device, 15), _a(0.01, device)
+    gx1 = _grad(n, dtype, device, 16)
+    gd1 = _grad(n, dtype, device, 17) if with_grad_d else None
+    grad_x, grad_d, grad_a = K.sign_step_bwd(gx1, gd1, x, d, g, a, EPS)
+    *_, ref_gx, ref_gd, terms = _ref_sign_step(x, d, g, a, EPS, gx1, gd1)
+    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0)
+    torch.testing.assert_close(grad_d, ref_gd, rtol=0, atol=0)
+    assert grad_a.shape == a.shape and grad_a.dtype == a.dtype
+    _assert_sum_close(grad_a, terms, torch.float32)
+
+
+def test_sign_step_bounds(device, dtype):
+    """d + a*sign(g) at +-eps and x + d1 at 0/1 follow PyTorch's clamp convention; beyond them nothing passes."""
+    eps, a = 1 / 32, _a(1 / 64, device)
+    d = torch.tensor([1, -1, 2, 0, 1, -1, 2, -2], dtype=dtype, device=device) / 64
+    g = torch.tensor([1, -1, 1, 0, 1, -1, -1, 1], dtype=dtype, device=device)
+    x = torch.tensor([0.5, 0.5, 0.5, 0.5, 31 / 32, 1 / 32, 1, 0], dtype=dtype, device=device)
+    gx1, gd1 = _grad(8, dtype, device, 18) + 3, _grad(8, dtype, device, 19) + 3
+    x1, d1 = K.sign_step_fwd(x, d, g, a, eps)
+    grad_x, grad_d, grad_a = K.sign_step_bwd(gx1, gd1, x, d, g, a, eps)
+    rx1, rd1, ref_gx, ref_gd, terms = _ref_sign_step(x, d, g, a, eps, gx1, gd1)
+    torch.testing.assert_close(x1, rx1, rtol=0, atol=0)
+    torch.testing.assert_close(d1, rd1, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0)
+    torch.testing.assert_close(grad_d, ref_gd, rtol=0, atol=0)
+    assert torch.equal(grad_d != 0, _mask("bboibbii", device))
+    assert torch.equal(grad_x != 0, _mask("iiiibboo", device))  # 1 + 1/64 and 0 - 1/64 are clamped
+    _assert_sum_close(grad_a, terms, torch.float32)
+
+
+@pytest.mark.parametrize("a_dtype", [torch.float64])
+def test_step_sizes_in_float64(device, a_dtype):
+    """fp64 step sizes with fp32 data: the reference promotes a*omega and d + a*s to fp64, and so do the kernels."""
+    n = 1023
+    x, d, g = _image(n, torch.float32, device, 20), _delta(n, torch.float32, device, 21), _grad(n, torch.float32, device, 22)
+    omega, a = _omega(n, device, 23), _a(0.05, device, a_dtype)
+    gx, gd = _grad(n, torch.float32, device, 24), _grad(n, torch.float32, device, 25)
+    rx0, rd0, ref_gx, terms = _ref_perturb_init(x, omega, a, EPS, gx, gd)
+    x0, d0 = K.perturb_init_fwd(x, omega, a, EPS)
+    grad_x, grad_a = K.perturb_init_bwd(gx, gd, x, omega, a, EPS)
+    torch.testing.assert_close((x0, d0, grad_x), (rx0, rd0, ref_gx), rtol=0, atol=0)
+    assert grad_a.dtype == a_dtype
+    _assert_sum_close(grad_a, terms, torch.float64)
+    rx1, rd1, ref_gx, ref_gd, terms = _ref_sign_step(x, d, g, a, EPS, gx, gd)
+    x1, d1 = K.sign_step_fwd(x, d, g, a, EPS)
+    grad_x, grad_d, grad_a = K.sign_step_bwd(gx, gd, x, d, g, a, EPS)
+    torch.testing.assert_close((x1, d1, grad_x, grad_d), (rx1, rd1, ref_gx, ref_gd), rtol=0, atol=0)
+    _assert_sum_close(grad_a, terms, torch.float64)
+
+
+# ------------------------------------------------------------------------------------- pack_sign, layer_perturb
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_sign(device, dtype, n):
+    g = _grad(n, dtype, device, 30)
+    if n > 4:
+        g[:4] = torch.tensor([-0.0, 1e-30, -1e-30, 0.0], dtype=torch.float64).to(dtype)  # -0, underflow to 0 in fp16
+    s = K.pack_sign(g)
+    assert s.dtype == torch.int8 and s.shape == g.shape
+    assert torch.equal(s, R.pack_sign(g))
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 3, 11, 31), (2, 5, 410)])
+def test_layer_perturb(device, dtype, shape):
+    n = math.prod(shape)
+    h = _grad(n, dtype, device, 31).reshape(shape)
+    s = R.pack_sign(_grad(n, dtype, device, 32)).reshape(shape)
+    a = _a(0.0371, device)
+    torch.testing.assert_close(K.layer_perturb_fwd(h, s, a), R.layer_perturb(h, s, a), rtol=0, atol=0)
+    grad_out = _grad(n, dtype, device, 33).reshape(shape)
+    af = _per_element(a, h)
+    R.layer_perturb(h, s, af).backward(grad_out)
+    grad_a = K.layer_perturb_bwd(grad_out, s, dtype=a.dtype)
+    assert grad_a.shape == (1,) and grad_a.dtype == a.dtype
+    _assert_sum_close(grad_a, af.grad, torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------- omega store
+
+
+def _omega_case(device, store_dtype, batch, w, seed):
+    g = _gen(seed)
+    n_store, c, h, p = 9, 3, 5, 2
+    store = (torch.rand(n_store, c, h + 2 * p, w + 2 * p, generator=g, dtype=torch.float64) * 2.2 - 1.1).clamp(-1, 1)
+    index = torch.randint(0, n_store, (batch,), generator=g)
+    if batch > 2:
+        index[-1] = index[0]  # duplicated examples: the first occurrence wins
+        index[-2] = index[1]
+    crop = torch.randint(0, 2 * p + 1, (batch, 2), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    grad = torch.randn(batch, c, h, w, generator=g)
+    grad[..., ::3] = 0.0
+    tensors = store.to(store_dtype), index, crop, flip, grad.to(store_dtype)
+    return tuple(t.to(device) for t in tensors) + (h, w)
+
+
+@pytest.mark.parametrize("batch,w", [(1, 7), (6, 7), (5, 40)])
+def test_omega_gather(device, dtype, batch, w):
+    store, index, crop, flip, _, h, w = _omega_case(device, dtype, batch, w, 40 + batch)
+    src = R.first_position(index)
+    got = K.omega_gather(store, index, crop, flip, src, h, w)
+    assert got.shape == (batch, store.shape[1], h, w) and got.dtype == dtype
+    assert torch.equal(got, R.omega_gather(store, index, crop, flip, (h, w)))
+
+
+@pytest.mark.parametrize("batch,w", [(1, 7), (6, 7), (5, 40)])
+@pytest.mark.parametrize("ratio_dtype", [torch.float32, torch.float64])
+def test_omega_update(device, dtype, batch, w, ratio_dtype):
+    store, index, crop, flip, grad, h, w = _omega_case(device, dtype, batch, w, 50 + batch)
+    ratio = _a(0.25, device, ratio_dtype)  # large enough to push stored values past +-1
+    ref = store.clone()
+    R.omega_update(ref, index, crop, flip, grad, ratio)
+    K.omega_update(store, index, crop, flip, R.first_position(index), grad, ratio)
+    assert torch.equal(store, ref)
+
+
+# ---------------------------------------------------------------------------------------------------- pgd_step
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pgd_step(device, dtype, n):
+    x = _image(n, dtype, device, 60)
+    x_adv = (x + _delta(n, dtype, device, 61)).clamp(0, 1)
+    g = _grad(n, dtype, device, 62)
+    got = K.pgd_step(x_adv, x, g, 2 / 255, EPS)
+    ref = R.pgd_step(x_adv, x, g, 2 / 255, EPS)
+    assert got.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    else:
+        # fp16/bf16: the kernel forms step*sign(g) and x -+ eps in fp32 before rounding to the storage dtype
+        # (as PyTorch's CUDA kernels do), PyTorch's CPU kernels round the python scalar to the storage dtype
+        # first; each result can then differ by one ulp, at most 2^-11 (fp16) / 2^-8 (bf16) on [0, 1].
+        ulp = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+        torch.testing.assert_close(got, ref, rtol=0, atol=ulp)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAS_CUDA or INTERPRET, reason="needs a CUDA device (and ~7 GB of its memory)")
+def test_int64_offsets_cuda():
+    """Offsets past 2^31 elements: the program id is widened to int64 before it is multiplied."""
+    n = 2**31 + 3 * BLOCK_SIZE + 5
+    g = torch.ones(n, dtype=torch.float16, device="cuda")
+    g[-5:] = torch.tensor([-1.0, 0.0, 2.0, -3.0, 0.5], device="cuda")
+    s = K.pack_sign(g)
+    assert s[-5:].tolist() == [-1, 0, 1, -1, 1]
+    assert int(s[: 2**31].sum(dtype=torch.int64)) == 2**31
