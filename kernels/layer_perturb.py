@@ -80,7 +80,7 @@ def layer_perturb_bwd(grad_out: torch.Tensor, s: torch.Tensor, dtype: torch.dtyp
     acc = compute_dtype(grad_out.dtype, dtype or torch.float32)
     n = grad_out.numel()
     grid = num_programs(n)
-    partials = torch.zeros(grid, dtype=acc, device=grad_out.device)
+    partials = torch.empty(grid, dtype=acc, device=grad_out.device)  # every program writes its partial
     if n > 0:
         _layer_perturb_bwd_kernel[(grid,)](grad_out, s, partials, n, ACC=tl_dtype(acc), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return sum_partials(partials, None, dtype or acc)

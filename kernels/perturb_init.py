@@ -136,7 +136,7 @@ def perturb_init_bwd(
     n = x.numel()
     prod = compute_dtype(a_init.dtype, omega.dtype)
     grid = num_programs(n)
-    partials = torch.zeros(grid, dtype=prod, device=x.device)
+    partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
         _perturb_init_bwd_kernel[(grid,)](
             grad_x0,

@@ -143,7 +143,7 @@ def sign_step_bwd(
     n = x.numel()
     prod = compute_dtype(d.dtype, a.dtype)
     grid = num_programs(n)
-    partials = torch.zeros(grid, dtype=prod, device=x.device)
+    partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
         _sign_step_bwd_kernel[(grid,)](
             grad_x1,
