@@ -52,13 +52,19 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
     return res
 
 
+def scaled_generator_lr(steps: int) -> float:
+    """APART's generator lr for a run of ``steps`` steps: the script's 5e-8 scaled so lr x steps is unchanged."""
+    return 5e-8 * SCRIPT_STEPS / max(steps, 1)
+
+
 def demo_config(method: str, epochs: int, device: str, seed: int) -> Config:
     """The demo's settings on the digits data: eps 0.1 (8x8 digits need a larger budget than 8/255 to
-    show robustness), a small CNN, and APART's generator lr scaled so that the step sizes get as far in
-    this short run as the script's 5e-8 gets them in 30 CIFAR epochs (lr x steps kept equal)."""
-    steps = epochs * (1437 // 128)
-    apart = ApartConfig(lr=5e-8 * SCRIPT_STEPS / steps)
-    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, eps=0.1, eval_eps=0.1,
+    show robustness) and a small CNN. APART is adapted to a run of ~150 steps instead of the script's
+    11,730: its generator lr is scaled so lr x steps equals the script's, and its step sizes start at
+    eps/2 instead of 1e-4, so the run is not spent growing them from nothing."""
+    eps = 0.1
+    apart = ApartConfig(lr=scaled_generator_lr(epochs * (1437 // 128)), a_init=eps / 2, a_in=eps / 2)
+    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, eps=eps, eval_eps=eps,
                   eval_step=0.025, pgd_step=0.025, final_eval_steps=20, device=device, seed=seed, apart=apart,
                   free_replays=4)
 

@@ -1,7 +1,8 @@
 """Pure-PyTorch definitions of every perturbation op: the source of truth for kernels, tests and benchmarks.
 
-Gradients come from PyTorch autograd on these formulas, so ``clamp`` passes the gradient at exactly
-its bound and blocks it outside, and ``sign(0) == 0``.
+Gradients come from PyTorch autograd on these formulas: ``clamp`` blocks the gradient outside its
+range, and at exactly a bound follows the installed PyTorch (2.14 passes none there with scalar
+bounds; older releases passed it), which the kernels detect once and match. ``sign(0) == 0``.
 """
 
 from __future__ import annotations
