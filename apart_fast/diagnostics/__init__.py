@@ -1,10 +1,9 @@
-"""Per-epoch diagnostics of a run's training perturbation (placeholder until the study issue lands)."""
+"""Per-epoch diagnostics of a run's training perturbation: strength against PGD-10, cosine, flips.
 
-from __future__ import annotations
+``epoch_probe(run)`` is called by the training loop after every epoch; its values go into metrics.jsonl.
+See ``apart_fast/diagnostics/STUDY.md`` for the study these diagnostics feed.
+"""
 
-from typing import Any
+from apart_fast.diagnostics.probe import epoch_probe, no_side_effects, probe_batch, probe_enabled
 
-
-def epoch_probe(run: Any) -> dict[str, float]:
-    """Values logged after each epoch; none yet."""
-    return {}
+__all__ = ["epoch_probe", "no_side_effects", "probe_batch", "probe_enabled"]

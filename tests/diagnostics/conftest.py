@@ -1,0 +1,19 @@
+"""Run these small CPU tests single-threaded: on a shared, busy machine torch's intra-op threads
+spin against other processes and make tiny convolutions many times slower."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
