@@ -1,0 +1,475 @@
+"""``apart-fast bench cost``: seconds per training step and per epoch of every method on one model, data,
+batch, precision and device, relative to PGD-10 and to clean training; optionally trained and evaluated.
+
+Timing: each method gets its own ``Run`` (the engine's data, model, method and optimizer), ``warmup``
+untimed steps, then ``steps`` timed steps of ``method.step(batch)``; batches are drawn from the run's
+``DeviceLoader`` outside the timed region (drawing costs the same for every method). On CUDA the device
+is synchronised before and after each step. With ``rounds > 1`` the methods are timed round-robin,
+``steps`` each per round, so a change in machine load hits every method alike.
+
+A Free step replays its batch m times (m optimizer updates); its E-epoch run makes ceil(E/m) passes
+over the data, so its cost per epoch of training budget is step time x steps per pass / m.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` from building the Run to the last timed step,
+less what was allocated before; on the CPU, the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs before building the Run) less its RSS before — both include the Run's model,
+optimizer, method state (APART's per-example store) and the dataset's device copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import json
+import math
+import statistics
+import textwrap
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from apart_fast.bench.env import environment, timestamp
+from apart_fast.config import METHODS, Config, ConfigError
+from apart_fast.data import Batch, ImageData, load_dataset
+
+DTYPES = ("fp32", "bf16")
+# The engine has no mixed-precision mode yet (Config has no precision field): only fp32 is measured.
+SUPPORTED_DTYPES = ("fp32",)
+DEFAULT_METHODS = ("clean", "fgsm_rs", "free", "pgd", "apart")
+LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "free": "Free", "pgd": "PGD", "apart": "APART"}
+
+
+@dataclass
+class CostOptions:
+    """Settings of one ``bench cost`` invocation (times in steps, sizes in examples)."""
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    model: str = "preact18"
+    width: int | None = 16
+    batch_size: int = 128
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    image_size: int | None = None  # synthetic only: resize the 16x16 patterns to this side (e.g. 32 for CIFAR's)
+    synthetic_n: int = 1024  # synthetic only: training examples
+    epoch_size: int | None = None  # examples per epoch for s/epoch; None: the dataset's training set
+    device: str = "cpu"
+    dtype: str = "fp32"
+    backend: str = "auto"
+    warmup: int = 3  # untimed steps per method
+    steps: int = 10  # timed steps per method and round
+    rounds: int = 1  # round-robin repetitions over the methods
+    pgd_steps: int = 10
+    free_replays: int = 8
+    seed: int = 0
+    train_epochs: int = 0  # > 0: also train each method this many epochs
+    eval: bool = False  # with train_epochs: PGD-20 and clean accuracy on the test split
+    eval_n: int | None = None  # evaluate on the first eval_n test examples only
+    out: str | None = None
+    progress: bool = True
+
+    def validate(self) -> CostOptions:
+        """Raise ConfigError on the first bad value."""
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"--methods {','.join(self.methods)}: unknown {bad}; choose from {', '.join(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype}; choose one of {', '.join(DTYPES)}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"--dtype {self.dtype} is not supported yet: the training engine has no mixed-precision "
+                              f"(autocast) mode, so bench cost measures {', '.join(SUPPORTED_DTYPES)} only")
+        for name in ("steps", "rounds", "batch_size", "synthetic_n"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
+        if self.warmup < 0 or self.train_epochs < 0:
+            raise ConfigError("--warmup and --train-epochs must be >= 0")
+        if self.eval and self.train_epochs < 1:
+            raise ConfigError("--eval evaluates the trained models; pass --train-epochs E (E >= 1) with it")
+        if self.image_size is not None and (self.dataset != "synthetic" or self.image_size < 4):
+            raise ConfigError("--image-size resizes the synthetic data only; pass --dataset synthetic and a side >= 4")
+        if self.epoch_size is not None and self.epoch_size < self.batch_size:
+            raise ConfigError(f"--epoch-size {self.epoch_size} is smaller than one batch ({self.batch_size})")
+        return self
+
+
+def load_bench_data(opts: CostOptions) -> ImageData:
+    """The dataset of the benchmark; synthetic data optionally resized (bilinear) to ``image_size``."""
+    data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed, synthetic_size=opts.synthetic_n)
+    if opts.image_size is not None and data.image_size != (opts.image_size, opts.image_size):
+        def resize(x: torch.Tensor) -> torch.Tensor:
+            y = F.interpolate(x.float(), size=(opts.image_size, opts.image_size), mode="bilinear", align_corners=False)
+            return y.round().clamp(0, 255).to(torch.uint8)
+
+        data = ImageData(data.name, resize(data.train_x), data.train_y, resize(data.test_x), data.test_y, data.classes,
+                         pad=max(1, opts.image_size // 8), flip=data.flip)
+    return data
+
+
+def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
+    """The engine Config of one method under the benchmark's shared settings."""
+    return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
+                  batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
+                  device=opts.device, seed=opts.seed, backend=opts.backend).validate()
+
+
+class _Memory:
+    """Peak memory of a region: CUDA allocator peak, or the process's peak RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.kind = ("torch.cuda.max_memory_allocated" if self.cuda
+                     else "process peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before")
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        _malloc_trim()  # hand freed heap pages back, so reusing them shows up in the peak
+        self.base = _status_kb("VmRSS") * 1024
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (Linux >= 4.0)
+        except OSError:
+            self.kind = "process peak RSS (ru_maxrss, never reset: a lower bound after a larger earlier method) minus RSS before"
+
+    def peak(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        return max(0, _status_kb("VmHWM") * 1024 - self.base)
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): return free heap memory to the OS (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(key: str) -> int:
+    """A kB field of /proc/self/status (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    if key == "VmHWM":
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return 0
+
+
+def _batches(loader: Any) -> Iterator[Batch]:
+    """The loader's batches, epoch after epoch, forever."""
+    return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, quartiles, IQR, min, max and mean of per-step seconds."""
+    ts = sorted(times)
+    if len(ts) >= 2:
+        q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+    else:
+        q1 = q3 = ts[0]
+    return {"median": statistics.median(ts), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": ts[0], "max": ts[-1],
+            "mean": statistics.fmean(ts), "n": len(ts)}
+
+
+class _Timed:
+    """One method's Run, its batch stream and its collected step times."""
+
+    def __init__(self, opts: CostOptions, method: str, data: ImageData, device: torch.device) -> None:
+        from apart_fast.engine.loop import Run
+
+        self.name, self.device = method, device
+        n_train = int(data.train_x.shape[0])
+        per_pass = n_train // opts.batch_size
+        divisor = opts.free_replays if method == "free" else 1
+        total = opts.warmup + opts.steps * opts.rounds
+        # enough epochs that the lr schedule spans every measured step (it only sets lr and momentum)
+        cfg = method_config(opts, method, epochs=divisor * max(1, math.ceil(total / max(per_pass, 1))))
+        self.memory = _Memory(device)
+        self.memory.start()
+        self.run = Run(cfg, data=data)
+        self.stream = _batches(self.run.loader)
+        self.times: list[float] = []
+        self.peak_bytes: int | None = None
+        self.last: dict[str, torch.Tensor] = {}
+
+    def steps(self, count: int, record: bool, bar: tqdm) -> None:
+        import time
+
+        cuda = self.device.type == "cuda"
+        step = self.run.method.step
+        for _ in range(count):
+            batch = next(self.stream)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            self.last = step(batch)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            if record:
+                self.times.append(dt)
+            bar.update(1)
+
+    def finish_memory(self) -> None:
+        if self.peak_bytes is None:
+            self.peak_bytes = self.memory.peak()
+
+
+def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], str]:
+    """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name."""
+    from apart_fast.engine.loop import resolve_device
+
+    device = resolve_device(opts.device)
+    total = len(opts.methods) * (opts.warmup + opts.steps * opts.rounds)
+    bar = tqdm(total=total, desc="bench cost", unit="step", disable=not opts.progress, dynamic_ncols=True)
+    timed: list[_Timed] = []
+    if device.type == "cpu":  # one throwaway step first, so one-time library allocations do not count as memory
+        prime = _Timed(opts, opts.methods[0], data, device)
+        prime.steps(1, record=False, bar=tqdm(disable=True))
+        del prime
+    try:
+        for m in opts.methods:  # round 1 builds each Run in turn and measures its memory
+            bar.set_description(f"bench cost: {m}")
+            t = _Timed(opts, m, data, device)
+            t.steps(opts.warmup, record=False, bar=bar)
+            t.steps(opts.steps, record=True, bar=bar)
+            t.finish_memory()
+            timed.append(t)
+        for r in range(1, opts.rounds):
+            for t in timed:
+                bar.set_description(f"bench cost: {t.name} (round {r + 1})")
+                t.steps(opts.steps, record=True, bar=bar)
+    finally:
+        bar.close()
+    n_train = int(data.train_x.shape[0])
+    epoch_size = opts.epoch_size or n_train
+    rows = []
+    for t in timed:
+        method = t.run.method
+        stats = summarize(t.times)
+        divisor = int(method.data_passes_divisor)
+        steps_per_pass = epoch_size // opts.batch_size
+        loss = t.last.get("loss")
+        n = t.last.get("n")
+        rows.append({
+            "method": t.name,
+            "label": LABELS.get(t.name, t.name) + (f"-{opts.pgd_steps}" if t.name == "pgd" else ""),
+            "passes_per_step": int(method.passes),
+            "updates_per_step": divisor,  # optimizer updates (Free: m replays)
+            "step_s": stats,
+            "s_per_step": stats["median"],
+            "s_per_update": stats["median"] / divisor,  # Free: per replay-batch
+            "steps_per_epoch": steps_per_pass,
+            "epoch_divisor": divisor,
+            "s_per_epoch": stats["median"] * steps_per_pass / divisor,
+            "peak_mem_bytes": t.peak_bytes,
+            "last_loss": float(loss) / float(n) if loss is not None and n is not None else None,
+            "backend": _resolved_backend(opts.backend, device),
+        })
+        del t.run
+    _add_ratios(rows)
+    kind = timed[0].memory.kind if timed else ""
+    timed.clear()
+    gc.collect()
+    return rows, kind
+
+
+def _resolved_backend(backend: str, device: torch.device) -> str:
+    try:
+        from apart_fast.ops import dispatch
+
+        return dispatch.resolve(backend, device)
+    except Exception:  # the ops layer may not expose dispatch; record what was asked for
+        return backend
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Step and epoch time relative to PGD-k's and to clean's (None where that method was not run)."""
+    by = {r["method"]: r for r in rows}
+    for ref in ("pgd", "clean"):
+        base = by.get(ref)
+        for r in rows:
+            r[f"step_vs_{ref}"] = r["s_per_step"] / base["s_per_step"] if base else None
+            r[f"epoch_vs_{ref}"] = r["s_per_epoch"] / base["s_per_epoch"] if base else None
+
+
+def train_and_eval(opts: CostOptions, data: ImageData, out: Path) -> dict[str, dict[str, Any]]:
+    """Train each method ``train_epochs`` epochs through the engine; clean and PGD-20 test accuracy with --eval."""
+    from apart_fast.engine.loop import train
+
+    eval_data = data
+    if opts.eval_n is not None:
+        eval_data = copy.copy(data)
+        eval_data.test_x, eval_data.test_y = data.test_x[: opts.eval_n], data.test_y[: opts.eval_n]
+    results = {}
+    for m in opts.methods:
+        cfg = method_config(opts, m, epochs=opts.train_epochs)
+        cfg.out = str(out / "runs" / m)
+        if not opts.eval:
+            cfg.final_eval_steps, cfg.eval_n = 0, 0
+        res = train(cfg, overwrite=True, progress=opts.progress, data=eval_data)
+        results[m] = {k: res[k] for k in ("epochs", "train_seconds", "test_clean_acc", "test_robust_acc", "test_n", "eval")}
+        results[m]["train_s_per_epoch"] = res["train_seconds"] / opts.train_epochs
+        del res
+        gc.collect()
+    return results
+
+
+def run_cost(opts: CostOptions) -> dict[str, Any]:
+    """Measure, optionally train, and write cost.md, cost.json and cost.png into ``opts.out``."""
+    opts.validate()
+    out = Path(opts.out or f"bench-cost-{timestamp()}")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_bench_data(opts)
+    env = environment(opts.device)
+    rows, mem_kind = measure(opts, data)
+    trained = train_and_eval(opts, data, out) if opts.train_epochs else {}
+    for r in rows:
+        if r["method"] in trained:
+            r["train"] = trained[r["method"]]
+    result = {
+        "env": env,
+        "options": asdict(opts),
+        "config": method_config(opts, opts.methods[0]).to_dict(),
+        "data": {"name": data.name, "n_train": int(data.train_x.shape[0]), "image_size": list(data.image_size),
+                 "channels": data.channels, "epoch_size": opts.epoch_size or int(data.train_x.shape[0])},
+        "timing": "median of per-step wall time after warm-up; data drawing excluded"
+                  + ("; torch.cuda.synchronize before and after each step" if env["device"].startswith("cuda") else ""),
+        "memory": mem_kind,
+        "rows": rows,
+    }
+    result["claims"] = claims(rows)
+    (out / "cost.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "cost.md").write_text(markdown(result))
+    plot(result, out / "cost.png")
+    result["out"] = str(out)
+    return result
+
+
+def claims(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """APART's step time relative to PGD-k's and to clean's (the project's cost claims)."""
+    by = {r["method"]: r for r in rows}
+    a = by.get("apart")
+    return {"apart_step_vs_pgd": a["step_vs_pgd"] if a else None, "apart_step_vs_clean": a["step_vs_clean"] if a else None}
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table users paste, with the command, device, versions and caveats above it."""
+    env, o, rows = result["env"], result["options"], result["rows"]
+    d = result["data"]
+    lines = [
+        f"# bench cost: {o['model']} width {o['width']}, batch {o['batch_size']}, {o['dtype']}, {env['device_name']}",
+        "",
+        f"- command: `{env['command']}`",
+        f"- device: {env['device']} ({env['device_name']}); CPU {env['cpu_model']}, {env['cpu_count']} cores, "
+        f"torch threads {env['torch_threads']}, load average {env['load_avg_1_5_15']} (1/5/15 min) at start",
+        f"- torch {env['torch']}, triton {env['triton']}, commit {env['apart_fast_commit']}, "
+        f"op backend {rows[0]['backend'] if rows else '-'}",
+        f"- data: {d['name']} {d['channels']}x{d['image_size'][0]}x{d['image_size'][1]}, {d['n_train']} training examples; "
+        f"epoch = {d['epoch_size']} examples",
+        f"- timing: {result['timing']}; {o['warmup']} warm-up + {o['steps']} timed steps x {o['rounds']} round(s) per method",
+        f"- memory: {result['memory']}",
+        "",
+        "| method | passes/step | ms/step (median) | IQR ms | min-max ms | ms/update | s/epoch | x PGD (step) | x PGD (epoch) "
+        "| x clean (step) | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s = r["step_s"]
+        lines.append(
+            f"| {r['label']} | {r['passes_per_step']} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])}-{_ms(s['max'])} "
+            f"| {_ms(r['s_per_update'])} | {r['s_per_epoch']:.2f} | {_ratio(r['step_vs_pgd'])} | {_ratio(r['epoch_vs_pgd'])} "
+            f"| {_ratio(r['step_vs_clean'])} | {_mib(r['peak_mem_bytes'])} |"
+        )
+    if any(r["method"] == "free" for r in rows):
+        m = next(r for r in rows if r["method"] == "free")["epoch_divisor"]
+        lines += ["", f"Free: one step replays its batch m={m} times (m forward/backward passes, m updates); ms/update is "
+                      f"per replay. Its E-epoch run makes E/m passes over the data, so s/epoch = step x steps/pass / m."]
+    if any("train" in r for r in rows):
+        lines += ["", "| method | epochs | train s | train s/epoch | clean acc | robust acc | eval |", "|---|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            t = r.get("train")
+            if t:
+                lines.append(f"| {r['label']} | {t['epochs']} | {t['train_seconds']:.1f} | {t['train_s_per_epoch']:.1f} "
+                             f"| {t['test_clean_acc']:.4f} | {_acc(t['test_robust_acc'])} | {t['eval']} on {t['test_n']} |")
+    c = result.get("claims", {})
+    if c.get("apart_step_vs_pgd") is not None or c.get("apart_step_vs_clean") is not None:
+        lines += ["", f"APART step / PGD-{o['pgd_steps']} step = {_ratio(c.get('apart_step_vs_pgd'))}; "
+                      f"APART step / clean step = {_ratio(c.get('apart_step_vs_clean'))}"]
+    return "\n".join(lines) + "\n"
+
+
+def _acc(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Bar chart of time per epoch relative to PGD-k; clean and robust accuracy beside it when trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    trained = [r for r in rows if r.get("train") and r["train"].get("test_robust_acc") is not None]
+    fig, axes = plt.subplots(1, 2 if trained else 1, figsize=(11 if trained else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    labels = [r["label"] for r in rows]
+    ref = "pgd" if any(r["method"] == "pgd" for r in rows) else "clean" if any(r["method"] == "clean" for r in rows) else None
+    if ref:
+        vals = [r[f"epoch_vs_{ref}"] for r in rows]
+        ax.set_ylabel(f"time per epoch / {'PGD' if ref == 'pgd' else 'clean'}'s")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    else:
+        vals = [r["s_per_epoch"] for r in rows]
+        ax.set_ylabel("seconds per epoch")
+    bars = ax.bar(labels, vals, color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_title("training cost")
+    if trained:
+        ax2 = axes[0][1]
+        x = range(len(trained))
+        ax2.bar([i - 0.2 for i in x], [r["train"]["test_clean_acc"] for r in trained], 0.4, label="clean")
+        ax2.bar([i + 0.2 for i in x], [r["train"]["test_robust_acc"] for r in trained], 0.4, label="PGD-20")
+        ax2.set_xticks(list(x), [r["label"] for r in trained])
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("test accuracy")
+        ax2.set_title(f"after {result['options']['train_epochs']} epoch(s)")
+        ax2.legend(fontsize=8)
+    env = result["env"]
+    cmd = textwrap.fill(env["command"], 130 if trained else 100)
+    fig.suptitle(f"{env['device_name']} ({env['torch_threads']} torch threads; ratio per epoch of training budget)\n{cmd}",
+                 fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
