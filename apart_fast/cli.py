@@ -111,12 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; every expected failure is one line on stderr and an exit code, no traceback.
+
+    Exit codes: 0 done, 2 bad input (config, data, checkpoint; nothing written), 1 the run stopped
+    on repeated numeric faults, 130/143 interrupted by SIGINT/SIGTERM (a checkpoint was written).
+    """
     from apart_fast.data import DataError
     from apart_fast.engine.checkpoint import CheckpointError
+    from apart_fast.engine.faults import NumericFaultError, TrainingInterrupted
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
+            args.epochs_given = any(a == "--epochs" or a.startswith("--epochs=") for a in argv)
             return _train(args)
         if args.command == "eval":
             return _eval(args)
@@ -126,9 +134,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == name:
                 return importlib.import_module(module).run(args)
     except (ValueError, DataError, CheckpointError) as err:
-        print(f"apart-fast: error: {err}", file=sys.stderr)
+        print(f"apart-fast: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except NumericFaultError as err:
+        print(f"apart-fast: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:
+        print(f"apart-fast: {_one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("apart-fast: interrupted; nothing from this step on was saved", file=sys.stderr)
+        return 130
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -136,6 +157,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         args.out = args.resume
+        if not getattr(args, "epochs_given", False):
+            args.epochs = 1  # train() keeps max(this, the saved run's epochs): the same run, not a longer one
     cfg = config_from_args(args)
     res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))

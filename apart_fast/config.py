@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "free", "pgd", "apart")
@@ -16,7 +17,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ApartConfig:
-    """APART's generator; defaults are the authors' released script (see ../shared/APART.md)."""
+    """APART's generator; defaults are the authors' released script (see ../shared/APART.md).
+
+    Why the step sizes cannot run away: they ascend ``L2 - (lambda/2) * a^2`` (lambda =
+    ``weight_decay``), whose gradient ``dL2/da - lambda*a`` vanishes at ``a = (dL2/da) / lambda``.
+    With ``G`` a bound on ``|dL2/da|`` over the run, every update pulls ``a`` back once
+    ``|a| > G/lambda``, so the iterates stay near ``|a| <= G/lambda`` (SGD momentum has the same
+    fixed point; with a small enough lr the bound holds up to one step's overshoot). For the
+    input step, ``|dL2/da_in| <= ||dL2/dx1||_1``. Nothing bounds ``G`` itself, so ``max_step``
+    clamps ``|a|`` after every update as a last resort, and a non-finite gradient skips the
+    update altogether (see apart_fast/engine/faults.py).
+    """
 
     a_init: float = 1e-4  # initial scale of the stored initialisation (image units)
     a_in: float = 1e-4  # initial input step size (image units)
@@ -66,11 +77,17 @@ class Config:
     device: str = "cpu"
     seed: int = 0
     backend: str = "auto"  # perturbation-op backend: auto, torch, cpp, triton, cuda
-    log_interval: int = 50  # steps between reads of the on-device running metrics
+    log_interval: int = 50  # steps between reads of the on-device running metrics and fault flags
+    max_faults: int = 10  # stop the run after this many skipped non-finite steps
     out: str | None = None
 
     def validate(self) -> Config:
         """Raise ConfigError on the first bad value; return self so calls chain."""
+        for obj, prefix in ((self, "--"), (self.apart, "--apart-")):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{prefix}{f.name.replace('_', '-')} {v} is not a finite number; pass a real value")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.model not in MODELS:
@@ -81,7 +98,7 @@ class Config:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]; images are in [0,1], e.g. 8/255 = 0.0314")
-        for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval"):
+        for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
@@ -96,6 +113,12 @@ class Config:
         for name in ("a_init", "a_in", "a_layer", "omega_std", "lr", "weight_decay"):
             if getattr(a, name) < 0:
                 raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} is negative; step sizes and rates are >= 0")
+        if not a.max_step > 0:
+            raise ConfigError(f"--apart-max-step {a.max_step} must be positive; it is the hard clamp on |step size|")
+        for name in ("a_init", "a_in", "a_layer"):
+            if getattr(a, name) > a.max_step:
+                raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} exceeds --apart-max-step "
+                                  f"{a.max_step}; lower it or raise the clamp")
         if a.a_init == 0:
             raise ConfigError("--apart-a-init 0 makes the omega update ratio a_in/a_init infinite; pass a positive value")
         if self.pad_mode not in ("constant", "reflect"):

@@ -1,10 +1,28 @@
 """The training loop: data on the device, one method step per batch, metrics read only at log intervals,
-a held-out evaluation and a full checkpoint after every epoch, exact resume."""
+a held-out evaluation and a full checkpoint after every epoch, exact resume.
+
+Reliability (see ``faults.py``):
+
+- Interruption: the first SIGINT/SIGTERM lets the current step finish, then ``checkpoint.pt`` is
+  written *at step granularity* and ``TrainingInterrupted`` (exit code 130/143 in the CLI) says how
+  to resume. A mid-epoch checkpoint records the loader's state from before the epoch's draw, the
+  index of the next step in the epoch and the epoch's running sums, so ``--resume`` redraws the
+  same epoch, skips the batches already done and continues the same run bit for bit.
+- ``kill -9`` at any moment: every file is written atomically, so ``checkpoint.pt`` is always the
+  last complete one; resume trims ``metrics.jsonl`` back to it and removes stale temporary files.
+- Numeric faults: a step whose loss or gradients are not finite is undone on the device (no
+  per-step sync), logged with its global step to ``metrics.jsonl`` and stderr when the flags are
+  read (every ``log_interval`` steps), and ``max_faults`` of them stop the run with
+  ``NumericFaultError``.
+- Bad input: everything (config, data, output folder, resume checkpoint) is checked before the
+  output folder is created or touched, so a failed start writes nothing.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +35,7 @@ from apart_fast.config import Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
+from apart_fast.engine.faults import BufferGuard, FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, Method, build_method
 from apart_fast.models import build_model
@@ -36,21 +55,41 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def prepare_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse an output folder that holds another run unless resuming or overwriting."""
+def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
+    """The output folder as a Path after checking it can take this run; writes nothing."""
     if out is None:
+        if resume:
+            raise ConfigError("--resume needs the run's folder; pass --resume DIR")
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder")
+    if resume:
+        if not (path / "checkpoint.pt").is_file():
+            raise ConfigError(f"--resume {out}: no checkpoint.pt there to resume from; train without --resume first")
+        return path
     taken = [f for f in RUN_FILES if (path / f).exists()]
-    if taken and not resume and not overwrite:
+    if taken and not overwrite:
         raise ConfigError(f"--out {out} already holds a run ({taken[0]}); pass --resume {out}, --overwrite, or another --out")
-    if overwrite and not resume:
-        for f in taken:
-            (path / f).unlink()
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prepare_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output folder (``check_out_dir``), then create it; ``overwrite`` deletes the old run's files."""
+    path = check_out_dir(out, resume, overwrite)
+    if path is None:
+        return None
+    if overwrite and not resume:
+        for f in RUN_FILES:
+            (path / f).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    for tmp in path.glob(".*.tmp"):  # left by a process killed inside an atomic write
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _warn(msg: str) -> None:
+    tqdm.write(f"apart-fast: warning: {msg}", file=sys.stderr)
 
 
 class Run:
@@ -89,22 +128,36 @@ class Run:
         g = torch.Generator().manual_seed(cfg.seed + 3)
         n_test = int(d.test_x.shape[0])
         self.holdout = torch.randperm(n_test, generator=g)[: min(cfg.eval_n, n_test)]
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0  # completed steps of the epoch in progress (0 at a boundary)
+        self.step_count = 0  # completed steps of the run
         self.train_seconds = 0.0
         self.best_robust, self.best_epoch = -1.0, 0  # held-out robust accuracy of model_best.pt
+        self.buffers = BufferGuard(self.model)
+        self.faults = FaultMonitor(self.device, cfg.log_interval)
+        self.out: Path | None = None  # where fault events are logged (set by ``train``)
+        self._epoch_loader: dict[str, Any] | None = None  # loader state before the current epoch's draw
+        self._sums: dict[str, torch.Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly, at an epoch boundary or mid-epoch."""
+        mid = self.step_in_epoch > 0
         return {
             "kind": "full",
             "config": self.cfg.to_dict(),
+            "model_name": self.cfg.model,
             "model_config": self.model.config,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "method": self.method.state_dict(),
-            "loader": self.loader.state_dict(),
+            "loader": self._epoch_loader if mid else self.loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step_count": self.step_count,
+            "epoch_sums": dict(self._sums) if mid else {},
+            "faults": self.faults.state_dict(),
             "train_seconds": self.train_seconds,
             "best": [self.best_robust, self.best_epoch],
         }
@@ -124,6 +177,12 @@ class Run:
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng_cpu"])
         self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.step_count = int(state.get("step_count", self.epoch * len(self.loader)))
+        self._sums = {k: v.to(self.device) for k, v in state.get("epoch_sums", {}).items()}
+        self._epoch_loader = state["loader"] if self.step_in_epoch else None
+        if "faults" in state:
+            self.faults.load_state_dict(state["faults"])
         self.train_seconds = float(state["train_seconds"])
         self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
 
@@ -132,35 +191,89 @@ class Run:
         return {
             "kind": "model",
             "config": self.cfg.to_dict(),
+            "model_name": self.cfg.model,
             "model_config": self.model.config,
             "model": self.model.state_dict(),
             "method": self.cfg.method,
             "epoch": self.epoch,
         }
 
-    def train_epoch(self, progress: bool) -> dict[str, float]:
-        """One pass over the data; running sums stay on the device and are read every log_interval steps."""
+    def read_faults(self) -> None:
+        """Read the on-device fault flags (one sync), log each skipped step, stop after ``max_faults``."""
+        bad = self.faults.read()
+        for s in bad:
+            _warn(f"non-finite loss or gradient at step {s} (epoch {self.epoch + 1}); update skipped "
+                  f"({self.faults.total} of --max-faults {self.cfg.max_faults})")
+        if bad and self.out is not None:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                for s in bad:
+                    f.write(json.dumps({"event": "nonfinite", "step": s, "epoch": self.epoch + 1}) + "\n")
+        if self.faults.total >= self.cfg.max_faults:
+            steps = ", ".join(map(str, self.faults.steps[-5:]))
+            raise NumericFaultError(
+                f"stopped after {self.faults.total} non-finite steps (last at steps {steps}); each update was "
+                f"skipped, so the weights stayed finite; lower --lr/--apart-lr or check the data for NaN"
+            )
+
+    def train_epoch(self, progress: bool, stop: StopSignals | None = None) -> dict[str, float] | None:
+        """One pass over the data (or the rest of one, after a mid-epoch resume).
+
+        Running sums stay on the device and are read every ``log_interval`` steps with the fault
+        flags. Returns None when ``stop`` was signalled before the epoch's last step: the run's state
+        is then consistent mid-epoch and ``state_dict`` checkpoints it.
+        """
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
+        skip = self.step_in_epoch
+        if skip == 0:
+            self._epoch_loader = self.loader.state_dict()
+            self._sums = {}
+        else:  # resumed mid-epoch: the loader holds the state before this epoch's draw
+            self.loader.load_state_dict(self._epoch_loader)
+        sums = self._sums
+        n_steps = len(self.loader)
         bar = tqdm(self.loader, desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, total=n_steps, initial=skip)
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
+        stopped = False
         for i, batch in enumerate(bar):
+            if i < skip:
+                continue
+            self.buffers.snapshot()
             m = self.method.step(batch)
+            ok = getattr(self.method, "step_ok", None)
+            if ok is None:
+                ok = torch.ones((), dtype=torch.bool, device=self.device)
+            self.buffers.restore_unless(ok)
+            self.step_count += 1
+            self.step_in_epoch = i + 1
+            self.faults.record(self.step_count, ok)
             for k, v in m.items():
+                v = torch.where(ok, v, torch.zeros_like(v))  # a skipped step adds nothing (its loss may be NaN)
                 sums[k] = sums[k] + v if k in sums else v.clone()
+            if self.faults.full():
+                self.read_faults()
             if progress and (i + 1) % self.cfg.log_interval == 0:
-                n = float(sums["n"])
+                n = max(float(sums["n"]), 1.0)
                 bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", acc=f"{float(sums['correct']) / n:.3f}")
+            if stop is not None and stop.signum is not None and i + 1 < n_steps:
+                stopped = True
+                break
+        bar.close()
         if sync:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.train_seconds += seconds
-        n = float(sums["n"])
-        return {"train_loss": float(sums["loss"]) / n, "train_acc": float(sums["correct"]) / n, "seconds": seconds}
+        self.read_faults()
+        if stopped:
+            return None
+        self.step_in_epoch = 0
+        n = float(sums["n"]) if "n" in sums else 0.0
+        nan = float("nan")
+        return {"train_loss": float(sums["loss"]) / n if n else nan,
+                "train_acc": float(sums["correct"]) / n if n else nan, "seconds": seconds}
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, steps: int, restarts: int = 1, loss: str = "ce",
                  progress: bool = False) -> dict[str, Any]:
@@ -170,29 +283,120 @@ class Run:
                         seed=cfg.seed, backend=cfg.backend)
 
 
+def _load_resume(out: Path) -> dict[str, Any]:
+    """checkpoint.pt of ``out``, checked to be a full checkpoint with a readable config."""
+    path = out / "checkpoint.pt"
+    saved = checkpoint.load(path)
+    if not isinstance(saved, dict) or saved.get("kind") != "full" or "config" not in saved:
+        raise checkpoint.CheckpointError(f"{path} is not a full training checkpoint; pass the folder of an apart-fast train run")
+    try:
+        Config.from_dict(saved["config"]).validate()
+    except (TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"{path} holds a config this apart_fast cannot read ({err}); "
+                                         "resume it with the apart_fast version that wrote it") from None
+    return saved
+
+
+def _trim_metrics(out: Path, run: Run) -> list[dict[str, Any]]:
+    """Drop metrics.jsonl lines past the checkpoint (a kill -9 can leave some) and return the kept epoch records."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    kept, history = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        step = rec.get("step")
+        if step > run.step_count if step is not None else rec.get("epoch", 0) > run.epoch:
+            continue
+        kept.append(line)
+        if "event" not in rec:
+            history.append(rec)
+    checkpoint.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    return history
+
+
+def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> TrainingInterrupted:
+    """The exception that ends an interrupted run, its message saying where the run stands and how to resume."""
+    name = {130: "SIGINT", 143: "SIGTERM"}.get(stop.exit_code, f"signal {stop.signum}")
+    where = (f"epoch {run.epoch + 1}, step {run.step_in_epoch}/{len(run.loader)}" if run.step_in_epoch
+             else f"the end of epoch {run.epoch}")
+    if out is None:
+        return TrainingInterrupted(f"interrupted by {name} at {where}; no --out was given, so nothing was saved",
+                                   stop.exit_code)
+    what = f"checkpoint.pt saved at {where}" if saved else "checkpoint.pt holds the last complete checkpoint"
+    return TrainingInterrupted(f"interrupted by {name}; {what}; resume with: apart-fast train --resume {out}",
+                               stop.exit_code)
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           data: ImageData | None = None) -> dict[str, Any]:
-    """Train ``cfg.method`` and return the final results; with ``cfg.out`` set, write metrics and checkpoints there."""
+    """Train ``cfg.method`` and return the final results; with ``cfg.out`` set, write metrics and checkpoints there.
+
+    ``resume`` continues the run in ``cfg.out`` from its checkpoint.pt with the saved config (only
+    ``epochs`` may grow). Raises ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written),
+    ``NumericFaultError`` after ``cfg.max_faults`` non-finite steps, ConfigError/DataError/
+    CheckpointError on bad input, in which case nothing has been written.
+    """
     cfg.validate()
-    out = prepare_out_dir(cfg.out, resume, overwrite)
+    out = check_out_dir(cfg.out, resume, overwrite)
+    saved = None
     if resume:
-        if out is None or not (out / "checkpoint.pt").exists():
-            raise ConfigError(f"--resume {cfg.out}: no checkpoint.pt there to resume from; train without --resume first")
-        saved = checkpoint.load(out / "checkpoint.pt")
+        assert out is not None
+        saved = _load_resume(out)
         epochs = cfg.epochs
         cfg = Config.from_dict(saved["config"])
         cfg.epochs, cfg.out = max(epochs, cfg.epochs), str(out)
-        run = Run(cfg, data)
+    run = Run(cfg, data)
+    if saved is not None:
         run.load_state_dict(saved)
-    else:
-        run = Run(cfg, data)
-        if out is not None:
-            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    history: list[dict[str, Any]] = []
+    if out is not None:  # everything is checked: from here on the run may write
+        prepare_out_dir(str(out), resume, overwrite)
+        run.out = out
+        if resume:
+            history = _trim_metrics(out, run)
+        else:
+            checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     d = run.data
     hx, hy = d.test_x[run.holdout], d.test_y[run.holdout]
-    history = []
+    stop = StopSignals()
+    with stop.installed():
+        try:
+            results = _train_loop(run, out, history, hx, hy, progress, stop)
+        except KeyboardInterrupt:  # a second signal, or one during the final evaluation
+            if stop.signum is None:
+                raise
+            raise _interrupted(run, out, stop, saved=False) from None
+        except NumericFaultError as err:
+            if out is None:
+                raise
+            if not (out / "checkpoint.pt").exists():  # nothing saved yet: the current state is finite, keep it
+                checkpoint.save(out / "checkpoint.pt", run.state_dict())
+            raise NumericFaultError(f"{err}; {out}/checkpoint.pt holds the last good state "
+                                    f"(resume with: apart-fast train --resume {out})") from None
+    ev = results.pop("_final")
+    results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
+                   eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
+    if out is not None:
+        checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+    results["model"] = run.model
+    return results
+
+
+def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: torch.Tensor, hy: torch.Tensor,
+                progress: bool, stop: StopSignals) -> dict[str, Any]:
+    """The epochs and the final evaluation; raises TrainingInterrupted once a signal was seen."""
+    cfg = run.cfg
     while run.epoch < run.epochs:
-        rec = {"epoch": run.epoch + 1, **run.train_epoch(progress)}
+        stats = run.train_epoch(progress, stop)
+        if stats is None:  # a signal mid-epoch: save the step we stopped after
+            if out is not None:
+                checkpoint.save(out / "checkpoint.pt", run.state_dict())
+            raise _interrupted(run, out, stop, saved=True)
+        rec: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step_count, **stats}
         run.epoch += 1
         if cfg.eval_n > 0 and (run.epoch % cfg.eval_every == 0 or run.epoch == run.epochs):
             ev = run.evaluate(hx, hy, steps=cfg.eval_steps)
@@ -203,7 +407,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         improved = robust is not None and robust > run.best_robust
         if improved:
             run.best_robust, run.best_epoch = robust, run.epoch
-        rec.update(best_epoch=run.best_epoch, best_holdout_robust_acc=run.best_robust)
+        rec.update(best_epoch=run.best_epoch, best_holdout_robust_acc=run.best_robust, skipped_steps=run.faults.total)
         history.append(rec)
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
@@ -215,15 +419,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         if progress:
             desc = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and not k.startswith("a_"))
             tqdm.write(f"[{cfg.method}] epoch {rec['epoch']}: {desc}")
+        if stop.signum is not None:
+            raise _interrupted(run, out, stop, saved=True)
+    stop.hard = True  # training is complete and saved: a signal now aborts the final evaluation at once
+    if stop.signum is not None:
+        raise _interrupted(run, out, stop, saved=False)
     results: dict[str, Any] = {"method": cfg.method, "epochs": run.epochs, "train_seconds": run.train_seconds,
                                "best_epoch": run.best_epoch, "best_holdout_robust_acc": run.best_robust,
                                "passes_per_step": run.method.passes, "steps_per_epoch": len(run.loader),
-                               "device": str(run.device), "history": history}
-    ev = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps, restarts=cfg.final_eval_restarts,
-                      progress=progress)
-    results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
-                   eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    results["model"] = run.model
+                               "skipped_steps": run.faults.total, "device": str(run.device), "history": history}
+    d = run.data
+    results["_final"] = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps, restarts=cfg.final_eval_restarts,
+                                     progress=progress)
     return results

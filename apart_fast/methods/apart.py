@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
+from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
@@ -124,20 +125,34 @@ class Apart(Method):
         return loss2, logits, x1.grad, ratio
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One APART step; where its loss or any gradient (model, step sizes, dL2/dx1) is not finite,
+        the model update, the step-size update and the omega update are all skipped on the device."""
         loss2, logits, g_x1, ratio = self.forward_backward(batch)
-        self._ascend()
-        self.optimizer.step()
+        ok = finite_flag(loss2, [*grads_of(self.optimizer), *(p.grad for p in self.step_sizes()), g_x1, ratio])
+        self.step_ok = ok
+        self._ascend(ok)
+        conditional_step(self.optimizer, ok)
         self.schedule.step()
-        ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g_x1, ratio, backend=self.cfg.backend)
+        # Skipped: omega + (-0.0)*sign(0) == omega bit for bit (x + -0.0 == x for every x, -0.0 included).
+        g_safe = torch.where(ok, g_x1, torch.zeros_like(g_x1))
+        ratio_safe = torch.where(ok, ratio, torch.full_like(ratio, -0.0))
+        ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g_safe, ratio_safe, backend=self.cfg.backend)
         return self.metrics(loss2, logits, batch.y)
 
-    def _ascend(self) -> None:
-        """Gradient ascent on the step sizes (their own SGD, L2 penalty as weight decay), then the hard clamp."""
+    def _ascend(self, ok: Tensor | None = None) -> None:
+        """Gradient ascent on the step sizes (their own SGD, L2 penalty as weight decay), then the hard clamp.
+
+        The L2 penalty keeps ``|a|`` near ``|dL2/da| / weight_decay`` (see ApartConfig); the clamp to
+        ``max_step`` is the last resort. With ``ok`` False (a non-finite step) the update is undone.
+        """
         for p in self.step_sizes():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.neg_()
-        self.gen_optimizer.step()
+        if ok is None:
+            self.gen_optimizer.step()
+        else:
+            conditional_step(self.gen_optimizer, ok)
         self.gen_schedule.step()
         bound = self.cfg.apart.max_step
         with torch.no_grad():

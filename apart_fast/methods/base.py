@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast.config import Config
+from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
 from apart_fast.engine.schedule import CyclicSchedule
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ class Method:
     """One training method: ``step(batch)`` does one update and returns on-device metric sums.
 
     A method owns the model's optimizer step (Free replays it, APART adds a second optimizer) but
-    not the optimizer itself, which the engine builds and checkpoints.
+    not the optimizer itself, which the engine builds and checkpoints. Every update is kept only
+    where its loss and gradients are finite (``engine.faults.conditional_step``, decided on the
+    device); ``step_ok`` is the step's 0-dim bool flag, which the engine reads at log intervals.
     """
 
     name: ClassVar[str]
@@ -44,6 +47,7 @@ class Method:
         self.schedule: CyclicSchedule | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed + 1)
+        self.step_ok: Tensor | None = None  # set by every step: False where its update was skipped
 
     def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
         """Give the method the model optimizer and its schedule (called once by the engine)."""
@@ -68,7 +72,8 @@ class Method:
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.step_ok = finite_flag(loss, grads_of(self.optimizer))
+        conditional_step(self.optimizer, self.step_ok)
         self.schedule.step()
         return self.metrics(loss, logits, y)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apart_fast import ops
+from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
 from apart_fast.methods.base import Method
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Free(Method):
     def step(self, batch: Batch) -> dict[str, Tensor]:
         x, y, eps = batch.x, batch.y, self.cfg.eps
         out: dict[str, Tensor] = {}
+        all_ok = torch.ones((), dtype=torch.bool, device=x.device)
         for _ in range(self.cfg.free_replays):
             x_adv = torch.clamp(x + self._delta_for(x), 0.0, 1.0).requires_grad_(True)
             logits = self.model(x_adv)
@@ -46,10 +48,14 @@ class Free(Method):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # The same backward yields the input gradient for the next perturbation.
-            self.delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
-            self.optimizer.step()
+            ok = finite_flag(loss, [*grads_of(self.optimizer), x_adv.grad])
+            delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
+            self.delta = torch.where(ok, delta, self._delta_for(x))  # a faulty replay keeps the old perturbation
+            conditional_step(self.optimizer, ok)
             self.schedule.step()
+            all_ok = all_ok & ok
             out = self.metrics(loss, logits, y)
+        self.step_ok = all_ok
         return out
 
     def state_dict(self) -> dict:

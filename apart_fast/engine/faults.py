@@ -1,0 +1,167 @@
+"""Numeric faults and interruption, without a per-step host sync.
+
+Numeric faults: every update is computed as usual, then kept or undone on the device according
+to a 0-dim bool flag (``finite_flag``: the loss and a cheap gradient norm are finite), so a
+non-finite step leaves the weights, the optimizer state, the BatchNorm buffers and APART's step
+sizes and omega store bit-identical to before it. The flags of the last ``window`` steps sit in a
+device tensor that the loop reads once per log interval (``FaultMonitor.read``): that is the only
+sync, and it names the step of every skipped update.
+
+Interruption: ``StopSignals`` turns the first SIGINT/SIGTERM into a flag the loop checks between
+steps (the current step finishes, a checkpoint is written); a second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import torch
+from torch import Tensor, nn
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
+
+
+class NumericFaultError(RuntimeError):
+    """Too many non-finite steps: the run stopped; the message names the steps and the checkpoint."""
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - it is a normal outcome, not an error
+    """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def finite_flag(loss: Tensor, tensors: Iterable[Tensor | None] = ()) -> Tensor:
+    """0-dim bool on the loss's device: the loss and the summed norms of ``tensors`` are all finite.
+
+    A NaN or inf anywhere makes its tensor's norm non-finite, so one reduction per tensor suffices.
+    """
+    ts = [t.detach() for t in tensors if t is not None]
+    ok = torch.isfinite(loss.detach()).all()
+    if ts:
+        norms = torch._foreach_norm(ts)
+        ok = ok & torch.isfinite(torch.stack([n.to(loss.device, torch.float32) for n in norms]).sum())
+    return ok
+
+
+def grads_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The ``.grad`` of every parameter the optimizer holds that has one."""
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+@torch.no_grad()
+def conditional_step(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
+    """``optimizer.step()`` kept where ``ok`` is true and undone (bit-exactly) where it is false.
+
+    Parameters with a gradient and their optimizer state (momentum buffers) are snapshotted, the
+    step runs, then ``torch.where`` picks new or old on the device. A state tensor the step
+    created (SGD's first momentum buffer) is restored to zeros, which SGD treats like an absent one.
+    Costs one copy of the updated parameters and their state per step; no host sync.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    saved = [p.detach().clone() for p in params]
+    saved_state = [
+        {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if isinstance(v, Tensor)} for p in params
+    ]
+    optimizer.step()
+    for p, old, old_state in zip(params, saved, saved_state):
+        p.copy_(torch.where(ok, p, old))
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, Tensor):
+                prev = old_state.get(k)
+                v.copy_(torch.where(ok, v, prev if prev is not None else torch.zeros_like(v)))
+
+
+class BufferGuard:
+    """Snapshot of a model's buffers (BatchNorm running statistics) restored where a step was faulty,
+    since a non-finite forward pass writes NaN into them before any check can run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for b in model.buffers() if b is not None]
+        self.saved: list[Tensor] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def restore_unless(self, ok: Tensor) -> None:
+        for b, old in zip(self.buffers, self.saved):
+            b.copy_(torch.where(ok, b, old))
+
+
+class FaultMonitor:
+    """Per-step fault flags kept on the device; ``read`` syncs once and returns the faulty global steps."""
+
+    def __init__(self, device: torch.device, window: int) -> None:
+        self.window = max(int(window), 1)
+        self.flags = torch.zeros(self.window, dtype=torch.bool, device=device)
+        self.start = 0  # global step of flags[0]
+        self.pending = 0  # steps recorded since the last read
+        self.total = 0  # faults read so far in this run
+        self.steps: list[int] = []  # their global steps (1-based)
+
+    def record(self, step: int, ok: Tensor) -> None:
+        """Note step ``step`` (1-based global index); call ``read`` before ``window`` steps accumulate."""
+        if self.pending == 0:
+            self.start = step
+        self.flags[step - self.start].copy_(~ok)
+        self.pending += 1
+
+    def full(self) -> bool:
+        return self.pending >= self.window
+
+    def read(self) -> list[int]:
+        """Global steps of the faults recorded since the last read (one host sync), and reset."""
+        if self.pending == 0:
+            return []
+        bad = [self.start + int(i) for i in self.flags.nonzero().flatten().tolist()]
+        self.flags.zero_()
+        self.pending = 0
+        self.total += len(bad)
+        self.steps.extend(bad)
+        return bad
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.steps = int(state["total"]), [int(s) for s in state["steps"]]
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM sets ``signum`` for the loop to act on between steps; a second one (or
+    any while ``hard`` is set) raises KeyboardInterrupt at once. Handlers are installed only in
+    the main thread and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.hard = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if self.hard or not first:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in EXIT_CODES}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(signal.Signals(self.signum), 128 + int(self.signum)) if self.signum else 130
