@@ -21,6 +21,11 @@ MAGIC = "apart_fast-checkpoint"
 FORMAT_VERSION = 1
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
@@ -30,6 +35,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make checkpoints private; use the ordinary mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -63,10 +69,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         first = f.readline(4096)
         try:
             header = json.loads(first)
-            ok = isinstance(header, dict) and header.get("magic") == MAGIC
+            ok = (isinstance(header, dict) and header.get("magic") == MAGIC and isinstance(header.get("format"), int)
+                  and isinstance(header.get("length"), int) and isinstance(header.get("sha256"), str))
         except (json.JSONDecodeError, UnicodeDecodeError):
             ok = False
         if not ok:
+            if first and not first.endswith(b"\n") and first.startswith(b'{"magic": "' + MAGIC.encode()):
+                raise CheckpointError(f"{path} is truncated inside its header; use an earlier checkpoint or retrain")
             raise CheckpointError(f"{path} is not an apart_fast checkpoint; pass a file written by apart-fast train")
         if header["format"] > FORMAT_VERSION:
             raise CheckpointError(
@@ -77,4 +86,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"{path} is truncated ({len(body)} of {header['length']} bytes); use an earlier checkpoint or retrain")
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise CheckpointError(f"{path} fails its checksum (corrupted); use an earlier checkpoint or retrain")
-    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as err:  # checksum fine but unreadable: written by an incompatible torch/apart_fast
+        raise CheckpointError(f"{path} cannot be unpickled ({type(err).__name__}); "
+                              "load it with the apart_fast and torch versions that wrote it") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint; pass a file written by apart-fast train")
+    return payload
