@@ -232,7 +232,7 @@ class Run:
         sums = self._sums
         n_steps = len(self.loader)
         bar = tqdm(self.loader, desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True, total=n_steps, initial=skip)
+                   leave=False, dynamic_ncols=True)
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
