@@ -1,11 +1,383 @@
-"""``apart-fast reproduce``: placeholder until the study issue lands."""
+"""``apart-fast reproduce``: the paper's comparison (clean, FGSM, FGSM-RS, Free, PGD-10, APART) in one command.
+
+Writes ``OUT/<method>/`` (one ``train`` run each, metrics.jsonl with the per-epoch probe), ``OUT/results.md``
+(the table), ``OUT/results.json`` and PNG figures: robust accuracy per epoch, the perturbation-strength
+ratio per epoch, APART's step sizes, and with ``--long-fgsm`` a long FGSM run beside APART's.
+Presets are documented on ``PRESETS``; the study they feed is ``apart_fast/diagnostics/STUDY.md``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import platform
+import shlex
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apart_fast.config import METHODS, ApartConfig, Config, ConfigError
+from apart_fast.data import ImageData, load_dataset
+from apart_fast.experiments import scaled_generator_lr
+
+CIFAR_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
+LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "free": "Free", "pgd": "PGD-10", "apart": "APART",
+          "long_fgsm": "long FGSM", "long_apart": "long APART"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One comparison setting. Subsets are seeded random draws (the stored datasets are class-sorted)."""
+
+    dataset: str
+    model: str
+    width: int
+    epochs: int
+    batch_size: int
+    lr: float  # peak of the cyclic learning rate
+    eps: float
+    train_subset: int | None  # None: the whole training split
+    test_subset: int | None  # None: the whole test split (final PGD-20, CW PGD-20, best checkpoint)
+    eval_n: int  # held-out slice for the per-epoch PGD-10
+    eval_steps: int
+    final_eval_steps: int
+    long_epochs: int  # --long-fgsm: epochs of the long FGSM and APART runs
+    methods: tuple[str, ...]
+    data_dir: str | None = None
+    needs_gpu: bool = False
+    synthetic_size: int = 1024
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper: CIFAR-10, PreAct ResNet-18 (width 64), 30 epochs, batch 128, cyclic lr 0 -> 0.2 -> 0,
+    # eps 8/255, full test set. Needs a GPU (~hours of CPU per epoch).
+    "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 8 / 255, None, None, 1000, 10, 20, 60, METHODS,
+                    CIFAR_JPEG, needs_gpu=True),
+    # The reduced CPU setting (2 cores, < 1 hour for all six methods): CIFAR-10 (JPEG), a random 4,000-image
+    # training subset, PreAct ResNet-18 of width 8 (1/64 of the paper's FLOPs), 8 epochs of batch 128
+    # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 held-out test images; final PGD-20
+    # and CW PGD-20 on a random 500-image test subset. --long-fgsm adds 20-epoch FGSM and APART runs.
+    "cpu": Preset("cifar10", "preact18", 8, 8, 128, 0.2, 8 / 255, 4000, 500, 256, 10, 20, 20, METHODS, CIFAR_JPEG),
+    # A smoke test: synthetic 16x16 data, a width-4 small CNN, one epoch, two methods (seconds).
+    "tiny": Preset("synthetic", "smallcnn", 4, 1, 32, 0.2, 8 / 255, 128, 64, 32, 2, 2, 2, ("fgsm_rs", "apart"),
+                   synthetic_size=256),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    """The reproduce subcommand's options; unset ones take the preset's value."""
+    p.add_argument("--preset", choices=tuple(PRESETS), default="cpu", help="setting (default cpu; see STUDY.md)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}, or none (default: the preset's)")
+    p.add_argument("--out", help="results folder (default reproduce-<preset>-<timestamp>)")
+    p.add_argument("--data-dir", help=f"dataset folder or archive (cifar presets: {CIFAR_JPEG})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--width", type=int, help="override the preset's model width")
+    p.add_argument("--train-subset", type=int, help="train on a seeded random N-image subset (0: all)")
+    p.add_argument("--test-subset", type=int, help="final evaluations on a seeded random N-image test subset (0: all)")
+    p.add_argument("--long-fgsm", action="store_true", help="add long FGSM (zero init) and APART runs and their figure")
+    p.add_argument("--long-epochs", type=int, help="epochs of the --long-fgsm runs (default: the preset's)")
+    p.add_argument("--long-fgsm-step", type=float, default=1.25,
+                   help="the long FGSM step in units of eps (default 1.25, as FGSM-RS but from zero)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="keep sub-runs in --out that already have results.json")
+    p.add_argument("--force", action="store_true", help="run --preset paper even without a GPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The exact, canonical command that reproduces this run (every option that was set)."""
+    parts = ["apart-fast", "reproduce", "--preset", args.preset]
+    for name in ("methods", "out", "data_dir", "device", "epochs", "width", "train_subset", "test_subset",
+                 "long_epochs"):
+        v = getattr(args, name)
+        if v is not None and not (name == "device" and v == "auto"):
+            parts += ["--" + name.replace("_", "-"), str(v)]
+    if args.long_fgsm:
+        parts += ["--long-fgsm", "--long-fgsm-step", f"{args.long_fgsm_step:g}"]
+    if args.seed:
+        parts += ["--seed", str(args.seed)]
+    parts += [f"--{f}" for f in ("resume", "force") if getattr(args, f)]
+    return shlex.join(parts)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def device_name(device: str) -> str:
+    """A human-readable device description for the table and figures."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
+    """``data`` restricted to seeded random subsets of its splits (None or 0: the whole split)."""
+    g = torch.Generator().manual_seed(seed + 17)
+
+    def pick(n_all: int, n: int | None) -> torch.Tensor | None:
+        if not n or n >= n_all:
+            return None
+        if n < 1:
+            raise ConfigError(f"subset size {n} must be positive")
+        return torch.randperm(n_all, generator=g)[:n].sort().values
+
+    tr, te = pick(int(data.train_x.shape[0]), n_train), pick(int(data.test_x.shape[0]), n_test)
+    out = data
+    if tr is not None:
+        out = dataclasses.replace(out, train_x=data.train_x[tr].contiguous(), train_y=data.train_y[tr].contiguous())
+    if te is not None:
+        out = dataclasses.replace(out, test_x=data.test_x[te].contiguous(), test_y=data.test_y[te].contiguous())
+    return out
+
+
+def method_config(method: str, preset: Preset, *, epochs: int, width: int, n_train: int, device: str, seed: int,
+                  data_dir: str | None, out: str | None, fgsm_step: float | None = None) -> Config:
+    """The Config of one sub-run. APART's generator lr is scaled to the run's length (lr x steps = the script's)."""
+    steps = epochs * (n_train // preset.batch_size)
+    return Config(method=method, dataset=preset.dataset, data_dir=data_dir, model=preset.model, width=width,
+                  epochs=epochs, batch_size=preset.batch_size, eps=preset.eps, lr=preset.lr, eval_eps=preset.eps,
+                  eval_n=preset.eval_n, eval_steps=preset.eval_steps, final_eval_steps=preset.final_eval_steps,
+                  device=device, seed=seed, out=out, fgsm_step=fgsm_step,
+                  apart=ApartConfig(lr=scaled_generator_lr(steps)))
+
+
+def _evaluate(model: torch.nn.Module, cfg: Config, data: ImageData, loss: str) -> dict[str, Any]:
+    from apart_fast.attacks import evaluate
+
+    return evaluate(model, data.test_x, data.test_y, batch_size=max(cfg.batch_size, 256), eps=cfg.eval_eps,
+                    step=cfg.eval_step, steps=cfg.final_eval_steps, loss=loss, device=cfg.device, seed=cfg.seed,
+                    backend=cfg.backend)
+
+
+def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: bool) -> dict[str, Any]:
+    """Train (or, with ``resume``, reuse) one sub-run, then evaluate its last and best checkpoints."""
+    from apart_fast import load_model
+    from apart_fast.engine.loop import train
+
+    out = Path(cfg.out)
+    cached = out / "reproduce_row.json"
+    if resume and cached.exists():
+        return {**json.loads(cached.read_text()), "name": name}
+    if resume and (out / "results.json").exists():
+        res = json.loads((out / "results.json").read_text())
+    else:
+        res = train(cfg, overwrite=True, progress=progress, data=data)
+        res.pop("model", None)
+    dev = torch.device(cfg.device)
+    last = load_model(str(out / "model.pt")).to(dev)
+    row: dict[str, Any] = {
+        "name": name, "method": cfg.method, "epochs": res["epochs"], "train_seconds": res["train_seconds"],
+        "clean_acc": res["test_clean_acc"], "pgd20_acc": res["test_robust_acc"],
+        "cw20_acc": _evaluate(last, cfg, data, "cw")["robust_acc"] if cfg.final_eval_steps else None,
+        "best_epoch": res["best_epoch"], "last_epoch": res["epochs"],
+        "best_holdout_robust": res["best_holdout_robust_acc"],
+        "last_holdout_robust": res["history"][-1].get("holdout_robust_acc"),
+        "test_n": res["test_n"], "history": res["history"], "passes_per_step": res["passes_per_step"],
+        "data_passes_divisor": cfg.free_replays if cfg.method == "free" else 1,
+    }
+    if res["best_epoch"] == res["epochs"] or not (out / "model_best.pt").exists():
+        row["best_clean_acc"], row["best_pgd20_acc"] = row["clean_acc"], row["pgd20_acc"]
+    else:
+        ev = _evaluate(load_model(str(out / "model_best.pt")).to(dev), cfg, data, "ce")
+        row["best_clean_acc"], row["best_pgd20_acc"] = ev["clean_acc"], ev["robust_acc"]
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def _f(v: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """results.md: the comparison table, the long runs if any, and how it was measured."""
+    base = next((r["train_seconds"] for r in rows if r["name"] == "pgd"), None)
+    head = ("| method | clean | PGD-20 | CW PGD-20 | held-out PGD-10 best (epoch) | held-out PGD-10 last (epoch) "
+            "| best ckpt: clean / PGD-20 | train s | vs PGD-10 |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"# Reproduce: preset {info['preset']}", "", head]
+    for r in rows:
+        rel = f"{r['train_seconds'] / base:.2f}x" if base else "n/a"
+        lines.append(
+            f"| {LABELS.get(r['name'], r['name'])} | {_f(r['clean_acc'])} | {_f(r['pgd20_acc'])} | {_f(r['cw20_acc'])} "
+            f"| {_f(r['best_holdout_robust'])} ({r['best_epoch']}) | {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
+            f"| {_f(r['best_clean_acc'])} / {_f(r['best_pgd20_acc'])} | {r['train_seconds']:.1f} | {rel} |")
+    s = info["settings"]
+    lines += [
+        "",
+        f"- Device: {info['device_name']} (`{info['device']}`), torch {info['torch']}.",
+        f"- Data: {s['dataset']}, {s['n_train']} training images, test metrics on {s['n_test']} test images; "
+        f"model {s['model']} width {s['width']}; {s['epochs']} epochs, batch {s['batch_size']}, cyclic lr to {s['lr']}, "
+        f"eps {s['eps'] * 255:.3g}/255.",
+        f"- PGD-20 and CW PGD-20: step 2/255, random start, eval mode, on the last epoch's model; held-out PGD-10 after "
+        f"every epoch on {s['eval_n']} test images; 'best ckpt' is model_best.pt (highest held-out PGD-10).",
+        "- train s: training time only (no evaluation, no probe); Free runs ceil(epochs/m) passes of m replays.",
+        f"- Wall time of the whole command: {info['wall_seconds'] / 60:.1f} min.",
+        "",
+        "Command:",
+        "",
+        f"    {info['command']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _series(row: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """(epoch, value) pairs of a history key; Free's epochs are scaled to data-pass equivalents."""
+    k = row["data_passes_divisor"]
+    pts = [(h["epoch"] * k, h[key]) for h in row["history"] if h.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _footer(fig: Any, info: dict[str, Any]) -> None:
+    text = f"device: {info['device_name']}  |  {info['command']}"
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=6, va="bottom", ha="left", color="0.3")
+
+
+def _figure(ncols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.0), squeeze=False)
+    fig.subplots_adjust(bottom=0.2, wspace=0.3)
+    return fig, axes[0]
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_all(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> list[str]:
+    """Write the figures; return their file names."""
+    names = []
+    fig, (ax,) = _figure()
+    for r in rows:
+        ax.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=LABELS.get(r["name"], r["name"]))
+    ax.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Robust accuracy per epoch")
+    ax.legend(fontsize=8)
+    _footer(fig, info)
+    _save(fig, out / "robust_acc.png")
+    names.append("robust_acc.png")
+
+    fig, (ax1, ax2) = _figure(2)
+    for r in rows:
+        if r["method"] == "clean":
+            continue
+        label = LABELS.get(r["name"], r["name"])
+        (line,) = ax1.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label)
+        ax2.plot(*_series(r, "probe_cosine"), marker="o", ms=3, label=label, color=line.get_color())
+    if rows:
+        ax1.plot(*_series(rows[0], "probe_noise_ratio"), ls=":", color="0.5", label="random sign noise")
+    ax1.set(xlabel="epoch", ylabel="loss gain / PGD-10's loss gain", title="Perturbation strength ratio")
+    ax2.set(xlabel="epoch", ylabel="cosine to PGD-10 perturbation", title="Perturbation direction")
+    ax1.legend(fontsize=8)
+    _footer(fig, info)
+    _save(fig, out / "strength_ratio.png")
+    names.append("strength_ratio.png")
+
+    aparts = [r for r in rows + long_rows if r["method"] == "apart"]
+    if aparts:
+        r = aparts[-1] if long_rows else aparts[0]
+        fig, (ax1, ax2) = _figure(2)
+        for key in ("a_init", "a_in"):
+            ax1.plot(*_series(r, key), marker="o", ms=3, label=key)
+        ax1.axhline(info["settings"]["eps"], ls=":", color="0.5", label="eps")
+        layers = sorted({k for h in r["history"] for k in h if k.startswith("a_layer")}, key=lambda k: int(k[7:]))
+        for key in layers:
+            ax2.plot(*_series(r, key), label=key)
+        ax1.set(xlabel="epoch", ylabel="step size (image units)", title=f"APART input step sizes ({LABELS[r['name']]})")
+        ax2.set(xlabel="epoch", ylabel="step size", title="APART layer step sizes a_b")
+        ax1.legend(fontsize=8)
+        ax2.legend(fontsize=6, ncol=2)
+        _footer(fig, info)
+        _save(fig, out / "apart_step_sizes.png")
+        names.append("apart_step_sizes.png")
+
+    if long_rows:
+        fig, (ax1, ax2) = _figure(2)
+        for r in long_rows:
+            label = LABELS.get(r["name"], r["name"])
+            (line,) = ax1.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=label)
+            ax2.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label, color=line.get_color())
+            ax2.plot(*_series(r, "probe_noise_ratio"), ls=":", color=line.get_color(), label=f"noise ({label} model)")
+        ax1.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Long runs: robust accuracy")
+        ax2.set(xlabel="epoch", ylabel="loss gain / PGD-10's", title="Long runs: perturbation strength ratio")
+        ax1.legend(fontsize=8)
+        ax2.legend(fontsize=7)
+        _footer(fig, info)
+        _save(fig, out / "long_fgsm.png")
+        names.append("long_fgsm.png")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ValueError("reproduce is not built yet")
+    """Train every method of the preset, evaluate, write results.md, results.json and the figures."""
+    t_start = time.perf_counter()
+    preset = PRESETS[args.preset]
+    device = resolve_device(args.device)
+    if preset.needs_gpu and not device.startswith("cuda") and not args.force:
+        raise ConfigError(f"--preset {args.preset} needs a GPU (none found, device {device}); use --preset cpu, "
+                          "or pass --force to run it on the CPU anyway")
+    methods = tuple(m for m in args.methods.split(",") if m and m != "none") if args.methods else preset.methods
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"--methods: unknown {', '.join(bad)}; choose from {','.join(METHODS)}")
+    if args.out is None:
+        args.out = f"reproduce-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs, width = _pick(args.epochs, preset.epochs), _pick(args.width, preset.width)
+    long_epochs = _pick(args.long_epochs, preset.long_epochs)
+    data_dir = args.data_dir or preset.data_dir
+    info: dict[str, Any] = {"preset": args.preset, "command": command_line(args), "device": device,
+                            "device_name": device_name(device), "torch": torch.__version__}
+    data = load_dataset(preset.dataset, data_dir, seed=args.seed, synthetic_size=preset.synthetic_size)
+    data = subset(data, _pick(args.train_subset, preset.train_subset), _pick(args.test_subset, preset.test_subset),
+                  args.seed)
+    n_train = int(data.train_x.shape[0])
+    info["settings"] = {"dataset": preset.dataset, "data_dir": data_dir, "n_train": n_train,
+                        "n_test": int(data.test_x.shape[0]), "model": preset.model, "width": width, "epochs": epochs,
+                        "batch_size": preset.batch_size, "lr": preset.lr, "eps": preset.eps, "eval_n": preset.eval_n,
+                        "long_epochs": long_epochs if args.long_fgsm else None,
+                        "long_fgsm_step_eps": args.long_fgsm_step if args.long_fgsm else None}
+    common = dict(width=width, n_train=n_train, device=device, seed=args.seed, data_dir=data_dir)
+    rows: list[dict[str, Any]] = []
+    for m in methods:
+        cfg = method_config(m, preset, epochs=epochs, out=str(out / m), **common)
+        rows.append(run_one(m, cfg, data, resume=args.resume, progress=not args.no_progress))
+        print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {_f(rows[-1]['pgd20_acc'])}, "
+              f"{rows[-1]['train_seconds']:.0f} s", flush=True)
+    long_rows: list[dict[str, Any]] = []
+    if args.long_fgsm:
+        cfg = method_config("fgsm", preset, epochs=long_epochs, out=str(out / "long_fgsm"),
+                            fgsm_step=args.long_fgsm_step * preset.eps, **common)
+        long_rows.append(run_one("long_fgsm", cfg, data, resume=args.resume, progress=not args.no_progress))
+        main_apart = next((r for r in rows if r["method"] == "apart"), None)
+        if main_apart is not None and long_epochs == epochs:
+            long_rows.append({**main_apart, "name": "long_apart"})
+        else:
+            cfg = method_config("apart", preset, epochs=long_epochs, out=str(out / "long_apart"), **common)
+            long_rows.append(run_one("long_apart", cfg, data, resume=args.resume, progress=not args.no_progress))
+    info["wall_seconds"] = time.perf_counter() - t_start
+    table = format_table(rows + long_rows, info)
+    (out / "results.md").write_text(table)
+    info["figures"] = plot_all(rows, long_rows, info, out)
+    (out / "results.json").write_text(json.dumps({**info, "rows": rows, "long_rows": long_rows}, indent=2))
+    print(table)
+    print(f"[reproduce] wrote {out}/results.md, results.json, {', '.join(info['figures'])}")
+    return 0
