@@ -1,26 +1,12 @@
-"""Shared set-up for the engine's reliability tests: one torch thread (the machine is shared and
-bit-identical comparisons need a fixed thread count), no epoch probe (speed), tiny runs."""
+"""Engine tests run single-threaded (the machine is shared, and bit-identical comparisons need a
+fixed thread count) and without the epoch probe (speed)."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-
-from apart_fast.engine import checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# A tiny APART run on the synthetic data: 1024 examples, batch 64 -> 16 steps per epoch. The
-# generator lr is large so that the step sizes and omega really move (a resume bug would show).
-TINY = ["--dataset", "synthetic", "--model", "smallcnn", "--width", "4", "--batch-size", "64", "--eval-n", "32",
-        "--eval-steps", "1", "--final-eval-steps", "0", "--no-progress", "--apart-lr", "1e-3",
-        "--apart-a-init", "0.01", "--apart-a-in", "0.01", "--apart-a-layer", "0.01"]
-STEPS_PER_EPOCH = 16
 
 
 @pytest.fixture(autouse=True)
@@ -32,50 +18,3 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for ``python -m apart_fast`` children: this checkout, one thread, no probe."""
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", APART_FAST_PROBE="0")
-    return env
-
-
-def run_state(out: Path) -> dict:
-    """checkpoint.pt of a run folder (verified by its checksum)."""
-    return checkpoint.load(out / "checkpoint.pt")
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Two finished runs hold bit-identical weights, BN buffers, optimizer state, step sizes and omega store."""
-    sa, sb = run_state(a), run_state(b)
-    assert sa["epoch"] == sb["epoch"] and sa["step_count"] == sb["step_count"]
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
-    ma, mb = sa["method"], sb["method"]
-    assert torch.equal(ma["store"], mb["store"])
-    for x, y in zip(ma["step_sizes"], mb["step_sizes"]):
-        assert torch.equal(x, y)
-    for opt in ("optimizer",):
-        for i, st in sa[opt]["state"].items():
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    assert torch.equal(v, sb[opt]["state"][i][k])
-    for i, st in ma["gen_optimizer"]["state"].items():
-        assert torch.equal(st["momentum_buffer"], mb["gen_optimizer"]["state"][i]["momentum_buffer"])
-    assert torch.equal(sa["rng_cpu"], sb["rng_cpu"])
-
-
-def signal_at(monkeypatch: pytest.MonkeyPatch, method_cls: type, step: int, sig: int = signal.SIGINT) -> None:
-    """Make the process send itself ``sig`` during global step ``step`` (1-based) of ``method_cls``."""
-    orig = method_cls.step
-    calls = {"n": 0}
-
-    def step_and_signal(self, batch):  # noqa: ANN001, ANN202 - a test double
-        calls["n"] += 1
-        out = orig(self, batch)
-        if calls["n"] == step:
-            os.kill(os.getpid(), sig)
-        return out
-
-    monkeypatch.setattr(method_cls, "step", step_and_signal)

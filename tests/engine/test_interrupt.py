@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, STEPS_PER_EPOCH, TINY, assert_same_run, run_state, signal_at, subprocess_env
+from reliability_helpers import ROOT, STEPS_PER_EPOCH, TINY, assert_same_run, run_state, signal_at, subprocess_env
 
 from apart_fast.cli import main
 from apart_fast.methods import Apart
