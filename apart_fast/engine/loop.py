@@ -326,6 +326,9 @@ def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> 
     if out is None:
         return TrainingInterrupted(f"interrupted by {name} at {where}; no --out was given, so nothing was saved",
                                    stop.exit_code)
+    if not saved and not (out / "checkpoint.pt").exists():
+        return TrainingInterrupted(f"interrupted by {name} before the first checkpoint; nothing to resume, "
+                                   f"start again with --overwrite --out {out}", stop.exit_code)
     what = f"checkpoint.pt saved at {where}" if saved else "checkpoint.pt holds the last complete checkpoint"
     return TrainingInterrupted(f"interrupted by {name}; {what}; resume with: apart-fast train --resume {out}",
                                stop.exit_code)
