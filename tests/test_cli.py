@@ -167,7 +167,6 @@ def test_evaluate_refuses_images_outside_unit_range(trained):
         evaluate(model, x, y, steps=1)
 
 
-@pytest.mark.xfail(reason="attacks.evaluate does not check channels against the model yet (torch's conv error)")
 def test_evaluate_refuses_wrong_channel_count(trained):
     model = load_model(str(trained / "model.pt"))
     with pytest.raises(ValueError, match="channel"):

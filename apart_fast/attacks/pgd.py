@@ -80,6 +80,24 @@ def _check_images(x: Tensor, y: Tensor) -> None:
         raise ValueError(f"x must be in [0, 1], observed min {lo:.6g} and max {hi:.6g} (scale uint8 images by 1/255)")
 
 
+def expected_channels(model: nn.Module) -> int | None:
+    """Input channels ``model`` takes: from ``model.config`` when built here, else its first Conv2d."""
+    kwargs = getattr(model, "config", {}).get("kwargs", {}) if isinstance(getattr(model, "config", None), dict) else {}
+    if "in_channels" in kwargs:
+        return int(kwargs["in_channels"])
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
+
+
+def _check_channels(model: nn.Module, x: Tensor) -> None:
+    """One-line ValueError when images have another channel count than the model's input."""
+    want = expected_channels(model)
+    if want is not None and x.ndim == 4 and x.shape[1] != want:
+        raise ValueError(
+            f"images have {x.shape[1]} channels but the model takes {want}; pass images shaped (N, {want}, H, W)"
+        )
+
+
 def _random_start(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
     """``clamp(x + U[-eps, eps], 0, 1)``; noise drawn on the generator's device, then moved to ``x``'s."""
     dev = generator.device if generator is not None else x.device
@@ -149,6 +167,7 @@ def pgd_attack(
     """
     _check_attack_args(eps, step, steps, restarts, loss)
     _check_images(x, y)
+    _check_channels(model, x)
     with eval_mode(model):
         return _pgd(model, x, y, eps, step, steps, restarts, _loss_fn(loss), random_start, generator, backend)
 
@@ -195,6 +214,7 @@ def evaluate(
         raise ValueError("cannot evaluate on an empty set (x has 0 examples)")
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"x (N, ...) and y (N,) must agree, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    _check_channels(model, x)
     is_uint8 = x.dtype == torch.uint8
     if not is_uint8:
         _check_images(x, y)

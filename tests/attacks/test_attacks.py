@@ -218,3 +218,10 @@ def test_other_validation() -> None:
         pgd_attack(model, x, y[:1])
     with pytest.raises(ValueError):
         evaluate(model, x[:0], y[:0])
+
+
+def test_wrong_channel_count_is_one_line_error():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x, y = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"images have 1 channels but the model takes 3"):
+        pgd_attack(model, x, y, steps=1)
