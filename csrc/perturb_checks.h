@@ -16,7 +16,9 @@ inline void check_data(const at::Tensor& t, const char* name, const at::Tensor& 
               "; pass tensors of one shape");
 }
 
+// A supported float dtype, contiguous: the first data argument of every primitive.
 inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, name,
               " has dtype ", st, "; supported: float32, float16, bfloat16, float64");

@@ -129,14 +129,17 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
     if g.dtype != store.dtype:
         raise TypeError(f"omega_update: g has dtype {g.dtype} but store has {store.dtype}; cast it with g.to(store.dtype)")
     index, crop, flip = _window_args("omega_update", store, index, crop, flip, batch=g.shape[0])
-    acc = torch.float64 if store.dtype == torch.float64 else torch.float32
-    if not isinstance(ratio, Tensor):
-        ratio = torch.full((1,), float(ratio), dtype=acc, device=store.device)
-    _dispatch.check_step("omega_update", "ratio", ratio, store)
+    if isinstance(ratio, Tensor):
+        _dispatch.check_step("omega_update", "ratio", ratio, store)
+    elif not isinstance(ratio, (int, float)):
+        raise TypeError(f"omega_update: ratio must be a one-element tensor or a float, got {type(ratio).__name__}")
     with torch.no_grad():
         if name == "torch":
             reference.omega_update(store, index, crop, flip, g, ratio)
             return
+        if not isinstance(ratio, Tensor):
+            acc = torch.float64 if store.dtype == torch.float64 else torch.float32
+            ratio = torch.full((1,), float(ratio), dtype=acc, device=store.device)
         src = reference.first_position(index)
         _dispatch.module(name).omega_update(store, index, crop, flip, src, _c(g), ratio.reshape(1).contiguous())
 
