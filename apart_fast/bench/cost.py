@@ -422,7 +422,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Free: one step replays its batch m={m} times (m forward/backward passes, m updates); ms/update is "
                       f"per replay. Its E-epoch run makes E/m passes over the data, so s/epoch = step x steps/pass / m."]
     if any("train" in r for r in rows):
-        lines += ["", "| method | epochs | train s | train s/epoch | clean acc | robust acc | eval |", "|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| method | passes over data | train s | train s/epoch | clean acc | robust acc | eval |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             t = r.get("train")
             if t:
@@ -474,7 +475,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax2.set_title(f"after {result['options']['train_epochs']} epoch(s)")
         ax2.legend(fontsize=8)
     env = result["env"]
-    cmd = textwrap.fill(env["command"], 130 if trained else 100)
+    cmd = textwrap.fill(env["command"], 130 if trained else 100, break_on_hyphens=False)
     fig.suptitle(f"{env['device_name']} ({env['torch_threads']} torch threads; ratio per epoch of training budget)\n{cmd}",
                  fontsize=7)
     fig.tight_layout()

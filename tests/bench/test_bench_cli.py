@@ -141,3 +141,15 @@ def test_gpu_suite_shell_syntax() -> None:
     script = REPO_ROOT / "benchmarks" / "gpu_suite.sh"
     assert script.exists()
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_cost_train_eval(tmp_path: Path) -> None:
+    from apart_fast.bench.cost import CostOptions, run_cost
+
+    res = run_cost(CostOptions(methods=["clean", "apart"], model="smallcnn", width=4, synthetic_n=64, batch_size=16,
+                               warmup=0, steps=1, train_epochs=1, eval=True, eval_n=16, out=str(tmp_path), progress=False))
+    for r in res["rows"]:
+        t = r["train"]
+        assert 0 <= t["test_clean_acc"] <= 1 and 0 <= t["test_robust_acc"] <= 1 and t["test_n"] == 16
+    assert "| APART | 1 |" in (tmp_path / "cost.md").read_text().split("passes over data")[1]
+    assert (tmp_path / "runs" / "apart" / "results.json").exists()
