@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--fail-on-regression", action="store_true", help="exit 3 when --compare finds a regression")
     k.add_argument("--timeout", type=float, default=None, help="seconds allowed for the pytest run")
     k.add_argument("--device", default=None, help="device of the copy-bandwidth measurement (default: the benchmarks')")
+    k.add_argument("--threads", type=int, default=None, help="torch CPU threads of the benchmark process")
     k.add_argument("--pytest-arg", dest="pytest_args", action="append", default=[],
                    help="extra argument for pytest, repeatable (e.g. --pytest-arg=--benchmark-min-rounds=20)")
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
         opts = KernelOptions(filter=args.filter, out=args.out, compare=args.compare,
                              fail_on_regression=args.fail_on_regression, timeout=args.timeout,
-                             pytest_args=args.pytest_args, device=args.device)
+                             pytest_args=args.pytest_args, device=args.device, threads=args.threads)
         if args.path:
             opts.path = args.path
         result, status = run_kernels(opts)

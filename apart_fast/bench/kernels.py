@@ -29,11 +29,12 @@ FIELDS = {
     "op": ("op", "kernel", "name"),
     "size": ("size", "shape", "numel", "n", "N"),
     "backend": ("backend", "provider", "impl"),
+    "provider": ("provider",),
     "mode": ("mode", "direction", "pass"),
     "dtype": ("dtype",),
     "device": ("device",),
     "bytes": ("bytes", "bytes_moved", "nbytes", "io_bytes"),
-    "copy_gbps": ("copy_gbps", "copy_bandwidth_gbps", "peak_copy_gbps", "measured_copy_gbps"),
+    "copy_gbps": ("copy_gbps", "copy_GB/s", "copy_bandwidth_gbps", "peak_copy_gbps", "measured_copy_gbps"),
     "peak_mem": ("peak_mem_bytes", "peak_memory_bytes", "peak_mem", "max_memory_allocated"),
 }
 
@@ -50,6 +51,7 @@ class KernelOptions:
     timeout: float | None = None  # seconds for the pytest run
     pytest_args: list[str] = field(default_factory=list)
     device: str | None = None  # device for the copy-bandwidth measurement; None: what the benchmarks used
+    threads: int | None = None  # torch CPU threads in the benchmark process (APART_BENCH_THREADS)
 
 
 def _pick(keys: tuple[str, ...], *dicts: dict[str, Any]) -> Any:
@@ -70,6 +72,8 @@ def parse_benchmark(b: dict[str, Any]) -> dict[str, Any]:
         row[col] = _pick(keys, extra, params) if col != "op" else _pick(("op", "kernel"), extra, params)
     if row["op"] is None:
         row["op"] = b.get("group") or name.split("[")[0].removeprefix("test_")
+    if row["provider"] and row["backend"] and row["provider"] != row["backend"]:
+        row["backend"] = f"{row['provider']} ({row['backend']})"  # e.g. fused (cpp)
     if isinstance(row["size"], list | tuple):
         row["size"] = "x".join(str(s) for s in row["size"])
     for k in ("median", "iqr", "q1", "q3", "min", "max", "mean", "stddev", "rounds"):
@@ -116,7 +120,7 @@ def copy_bandwidth(rows: list[dict[str, Any]], device: torch.device | None) -> d
     """The copy bandwidth for the fraction column: recorded by the benchmarks, else measured now."""
     recorded = [r["copy_gbps"] for r in rows if r.get("copy_gbps")]
     if recorded:
-        return {"gbps": float(max(recorded)), "source": "benchmarks' extra_info (copy_gbps)"}
+        return {"gbps": float(max(recorded)), "source": "measured by the benchmarks' session (extra_info copy bandwidth)"}
     copies = [r["gbps"] for r in rows if r.get("gbps") and str(r.get("op", "")).lower() in ("copy", "memcpy", "clone")]
     if copies:
         return {"gbps": float(max(copies)), "source": "fastest 'copy' benchmark of this run"}
@@ -231,6 +235,9 @@ def run_kernels(opts: KernelOptions) -> tuple[dict[str, Any], int]:
     cmd = pytest_command(opts, raw)
     result["pytest_command"] = " ".join(cmd)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    if opts.threads:
+        env.update(APART_BENCH_THREADS=str(opts.threads), OMP_NUM_THREADS=str(opts.threads))
+        result["threads"] = opts.threads
     print(f"bench kernels: {' '.join(cmd)}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
@@ -277,7 +284,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"theoretical {env.get('theoretical_gbps')} GB/s (nvidia-ml-py)")
     if cb:
         lines.append(f"- copy bandwidth: {cb['gbps']:.1f} GB/s ({cb['source']})")
-    lines += ["", table(result["rows"])]
+    lines += ["", table(result["rows"]), "",
+              "GB/s counts the bytes each op must move once; above 100% of copy the working set sits in cache."]
     if "compare" in result:
         lines += ["", "```", compare_text(result["compare"]), "```"]
     return "\n".join(lines) + "\n"

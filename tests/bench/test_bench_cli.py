@@ -101,10 +101,13 @@ def test_kernels_without_benchmarks(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not (REPO_ROOT / "benchmarks" / "test_ops_bench.py").exists(), reason="op benchmarks not written yet")
 def test_kernels_smoke_real_benchmarks(tmp_path: Path) -> None:
-    rc = main(["bench", "kernels", "--filter", "pgd_step and torch", "--out", str(tmp_path), "--device", "cpu",
+    rc = main(["bench", "kernels", "--filter", "pgd_step and eager and 128x3x32x32", "--out", str(tmp_path), "--threads", "1",
                "--pytest-arg=--benchmark-min-rounds=1", "--pytest-arg=--benchmark-max-time=0.01", "--timeout", "300"])
     doc = json.loads((tmp_path / "kernels.json").read_text())
-    assert rc in (0, 1) and "env" in doc and "rows" in doc
+    assert rc == 0, (tmp_path / "pytest.log").read_text()
+    (row,) = doc["rows"]
+    assert row["op"] == "pgd_step" and row["size"] == "128x3x32x32" and row["median"] > 0
+    assert row["bytes"] > 0 and row["copy_fraction"] > 0 and "benchmarks" in doc["copy_bandwidth"]["source"]
 
 
 def _rec(name: str, median: float, iqr: float) -> dict:
