@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from apart_fast.config import DATASETS, METHODS, MODELS, ApartConfig, Config
+from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, ApartConfig, Config
 
 HELP = {
     "method": "training method",
@@ -22,13 +22,18 @@ HELP = {
     "device": "cpu, cuda or cuda:N",
     "backend": "perturbation-op backend: auto, torch, cpp, triton, cuda",
     "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
+    "amp": "mixed precision: auto (bf16 on CUDA if supported, else none), none, bf16, fp16 (with a loss scale)",
+    "cuda_graphs": "capture the steady-state training step in a CUDA graph (default: on for CUDA when the method can)",
+    "channels_last": "channels_last memory format (default: on for CUDA)",
+    "compile": "torch.compile the model",
+    "sync_bn": "with several CUDA processes: SyncBatchNorm instead of per-rank batch statistics",
 }
 # Subcommands that live beside their library code: (name, module with add_arguments/run, help).
 EXTENSIONS = (
     ("bench", "apart_fast.bench.cli", "kernel throughput and training cost against PGD-10"),
     ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
 )
-CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect")}
+CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES}
 
 
 def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 METHODS = ("clean", "fgsm", "fgsm_rs", "free", "pgd", "apart")
 MODELS = ("preact18", "wrn34_10", "smallcnn")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,12 @@ class Config:
     log_interval: int = 50  # steps between reads of the on-device running metrics and fault flags
     max_faults: int = 10  # stop the run after this many skipped non-finite steps
     out: str | None = None
+    # Speed (none of these changes what is computed beyond float rounding):
+    amp: str = "auto"  # autocast: auto (bf16 on CUDA devices that support it, else none), none, bf16, fp16 (loss-scaled)
+    cuda_graphs: bool | None = None  # capture the steady-state step in a CUDA graph; None: on for CUDA when the method can
+    channels_last: bool | None = None  # NHWC memory format for the model and batches; None: on for CUDA
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # several CUDA processes: SyncBatchNorm (global batch statistics) instead of per-rank ones
 
     def validate(self) -> Config:
         """Raise ConfigError on the first bad value; return self so calls chain."""
@@ -121,6 +128,8 @@ class Config:
                                   f"{a.max_step}; lower it or raise the clamp")
         if a.a_init == 0:
             raise ConfigError("--apart-a-init 0 makes the omega update ratio a_in/a_init infinite; pass a positive value")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         if self.pad_mode not in ("constant", "reflect"):
             raise ConfigError(f"--pad-mode {self.pad_mode!r}; choose constant or reflect")
         if self.width is not None and self.width < 1:

@@ -16,18 +16,25 @@ Reliability (see ``faults.py``):
   ``NumericFaultError``.
 - Bad input: everything (config, data, output folder, resume checkpoint) is checked before the
   output folder is created or touched, so a failed start writes nothing.
+
+Several processes (``torchrun --nproc_per_node N -m apart_fast train ...``): see ``distributed.py``.
+Rank 0 alone writes files and prints; every rank evaluates a slice of the held-out/test data; a
+stop signal and the fault flags are agreed between ranks at log intervals, so all ranks stop after
+the same step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from apart_fast.attacks import evaluate
@@ -35,6 +42,8 @@ from apart_fast.config import Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
+from apart_fast.engine.amp import Precision
+from apart_fast.engine.distributed import LOCAL, Comm, ShardLoader
 from apart_fast.engine.faults import BufferGuard, FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, Method, build_method
@@ -93,12 +102,19 @@ def _warn(msg: str) -> None:
 
 
 class Run:
-    """Everything one training run holds: data, model, method, optimizers, progress."""
+    """Everything one training run holds: data, model, method, optimizers, progress.
 
-    def __init__(self, cfg: Config, data: ImageData | None = None) -> None:
+    ``model``: a user's model (images in [0,1] -> logits, with ``PerturbSite`` markers for APART)
+    instead of ``cfg.model``; without a ``model.config`` its checkpoints hold only the weights
+    (``model_config`` None). ``comm``: the process group (``distributed.Comm``), one process by default.
+    """
+
+    def __init__(self, cfg: Config, data: ImageData | None = None, model: nn.Module | None = None,
+                 comm: Comm | None = None, device: str | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.comm = comm if comm is not None else LOCAL
+        self.device = resolve_device(device if device is not None else cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         d = self.data
@@ -108,16 +124,23 @@ class Run:
         pad = d.pad if cfg.pad is None else cfg.pad
         flip = d.flip if cfg.flip is None else cfg.flip
         mean, std = (CIFAR_MEAN, CIFAR_STD) if cfg.normalize and d.channels == 3 else (None, None)
-        self.model = build_model(
-            cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width, mean=mean, std=std
-        ).to(self.device)
-        self.loader = DeviceLoader(
+        if model is None:
+            model = build_model(cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width,
+                                mean=mean, std=std)
+        self.user_model = not hasattr(model, "config")
+        self.model = model.to(self.device)
+        self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
+        self.loader: DeviceLoader = ShardLoader(
             d.train_x, d.train_y, cfg.batch_size, device=self.device, pad=pad, pad_mode=cfg.pad_mode,
-            pad_value=cfg.pad_value, flip=flip, ragged="drop", seed=cfg.seed,
+            pad_value=cfg.pad_value, flip=flip, ragged="drop", seed=cfg.seed, rank=self.comm.rank, world=self.comm.world,
         )
         h, w = d.image_size
         info = DataInfo(n_train=n_train, channels=d.channels, height=h, width=w, pad=pad)
         self.method: Method = build_method(cfg.method, self.model, cfg, info, self.device)
+        self.precision = Precision(cfg.amp, self.device)
+        self.method.use(self.precision, self.comm)
+        store = getattr(self.method, "store", None)
+        self.comm.broadcast_([*getattr(self.method, "step_sizes", list)(), *([store] if store is not None else [])])
         self.epochs = math.ceil(cfg.epochs / self.method.data_passes_divisor)
         steps = self.epochs * len(self.loader)
         params = list(self.model.parameters()) + self.method.extra_model_params()
@@ -139,14 +162,24 @@ class Run:
         self._epoch_loader: dict[str, Any] | None = None  # loader state before the current epoch's draw
         self._sums: dict[str, torch.Tensor] = {}
 
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """How ``load_model`` rebuilds the model; None for a user's model without ``config``."""
+        return getattr(self.model, "config", None)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly, at an epoch boundary or mid-epoch."""
+        """Everything needed to continue the run exactly, at an epoch boundary or mid-epoch.
+
+        Called on every rank (it averages BatchNorm statistics and gathers per-rank state); rank 0 writes it.
+        """
         mid = self.step_in_epoch > 0
+        self.comm.average_buffers(self.model)
+        rank_states = self.comm.gather_objects(self.method.rank_state())
         return {
             "kind": "full",
             "config": self.cfg.to_dict(),
             "model_name": self.cfg.model,
-            "model_config": self.model.config,
+            "model_config": self.model_config,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -160,15 +193,23 @@ class Run:
             "faults": self.faults.state_dict(),
             "train_seconds": self.train_seconds,
             "best": [self.best_robust, self.best_epoch],
+            "precision": self.precision.state_dict(),
+            "world": self.comm.world,
+            "rank_states": rank_states,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "full":
             raise checkpoint.CheckpointError("resume needs checkpoint.pt (a full checkpoint), not model.pt")
-        if state["model_config"] != self.model.config:
+        saved_cfg, cfg = state["model_config"], self.model_config
+        if (saved_cfg is None) != (cfg is None):
             raise checkpoint.CheckpointError(
-                f"checkpoint holds model {state['model_config']['name']} {state['model_config']['kwargs']}, "
-                f"this run builds {self.model.config['name']} {self.model.config['kwargs']}; pass the same --model/--width"
+                "checkpoint holds a user-defined model, pass the same model to train()" if saved_cfg is None
+                else "checkpoint holds a built-in model; resume it without passing model= (or with a model of that config)")
+        if saved_cfg != cfg:
+            raise checkpoint.CheckpointError(
+                f"checkpoint holds model {saved_cfg['name']} {saved_cfg['kwargs']}, "
+                f"this run builds {cfg['name']} {cfg['kwargs']}; pass the same --model/--width"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -185,6 +226,13 @@ class Run:
             self.faults.load_state_dict(state["faults"])
         self.train_seconds = float(state["train_seconds"])
         self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
+        if "precision" in state:
+            self.precision.load_state_dict(state["precision"])
+        # Per-rank state (random-start generators, Free's perturbation): this rank's, when the
+        # checkpoint was written by at least rank+1 processes; else the fresh per-rank seed stays.
+        ranks = state.get("rank_states") or []
+        if self.comm.world > 1 or len(ranks) > 1:
+            self.method.load_rank_state(ranks[self.comm.rank] if self.comm.rank < len(ranks) else None)
 
     def model_payload(self) -> dict[str, Any]:
         """What ``load_model`` needs: the model's constructor config and weights, plus provenance."""
@@ -192,7 +240,7 @@ class Run:
             "kind": "model",
             "config": self.cfg.to_dict(),
             "model_name": self.cfg.model,
-            "model_config": self.model.config,
+            "model_config": self.model_config,
             "model": self.model.state_dict(),
             "method": self.cfg.method,
             "epoch": self.epoch,
@@ -202,9 +250,10 @@ class Run:
         """Read the on-device fault flags (one sync), log each skipped step, stop after ``max_faults``."""
         bad = self.faults.read()
         for s in bad:
-            _warn(f"non-finite loss or gradient at step {s} (epoch {self.epoch + 1}); update skipped "
-                  f"({self.faults.total} of --max-faults {self.cfg.max_faults})")
-        if bad and self.out is not None:
+            if self.comm.is_main:
+                _warn(f"non-finite loss or gradient at step {s} (epoch {self.epoch + 1}); update skipped "
+                      f"({self.faults.total} of --max-faults {self.cfg.max_faults})")
+        if bad and self.out is not None and self.comm.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 for s in bad:
                     f.write(json.dumps({"event": "nonfinite", "step": s, "epoch": self.epoch + 1}) + "\n")
@@ -231,6 +280,7 @@ class Run:
             self.loader.load_state_dict(self._epoch_loader)
         sums = self._sums
         n_steps = len(self.loader)
+        progress = progress and self.comm.is_main
         bar = tqdm(self.loader, desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.epochs}", disable=not progress,
                    leave=False, dynamic_ncols=True)
         sync = self.device.type == "cuda"
@@ -241,15 +291,10 @@ class Run:
         for i, batch in enumerate(bar):
             if i < skip:
                 continue
-            self.buffers.snapshot()
-            m = self.method.step(batch)
-            ok = getattr(self.method, "step_ok", None)
-            if ok is None:
-                ok = torch.ones((), dtype=torch.bool, device=self.device)
-            self.buffers.restore_unless(ok)
+            m, ok, fault = self.step(batch)
             self.step_count += 1
             self.step_in_epoch = i + 1
-            self.faults.record(self.step_count, ok)
+            self.faults.record(self.step_count, ~fault)
             for k, v in m.items():
                 v = torch.where(ok, v, torch.zeros_like(v))  # a skipped step adds nothing (its loss may be NaN)
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -258,7 +303,7 @@ class Run:
             if progress and (i + 1) % self.cfg.log_interval == 0:
                 n = max(float(sums["n"]), 1.0)
                 bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", acc=f"{float(sums['correct']) / n:.3f}")
-            if stop is not None and stop.signum is not None and i + 1 < n_steps:
+            if stop is not None and i + 1 < n_steps and self._should_stop(stop, i + 1):
                 stopped = True
                 break
         bar.close()
@@ -270,17 +315,55 @@ class Run:
         if stopped:
             return None
         self.step_in_epoch = 0
-        n = float(sums["n"]) if "n" in sums else 0.0
+        keys = ("loss", "correct", "n")
+        loss, correct, n = (sum(vals) for vals in zip(*self.comm.gather_objects([float(sums.get(k, 0.0)) for k in keys])))
         nan = float("nan")
-        return {"train_loss": float(sums["loss"]) / n if n else nan,
-                "train_acc": float(sums["correct"]) / n if n else nan, "seconds": seconds}
+        return {"train_loss": loss / n if n else nan, "train_acc": correct / n if n else nan, "seconds": seconds}
+
+    def step(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One method step with the BatchNorm guard: (metric sums, keep flag, fault flag), all on the device."""
+        self.buffers.snapshot()
+        m = self.method.step(batch)
+        ok = getattr(self.method, "step_ok", None)
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self.buffers.restore_unless(ok)
+        fault = getattr(self.method, "step_fault", None)
+        return m, ok, (~ok if fault is None else fault)
+
+    def _should_stop(self, stop: StopSignals, done: int) -> bool:
+        """Whether to stop after ``done`` steps of the epoch. One process: as soon as a signal came. Several:
+        torchrun signals every rank, but not at the same step, so the ranks agree at log intervals."""
+        if not self.comm.distributed:
+            return stop.signum is not None
+        if done % self.cfg.log_interval:
+            return False
+        agreed = self.comm.agree(stop.signum is not None)
+        if agreed and stop.signum is None:
+            stop.signum = signal.SIGTERM  # another rank was signalled
+        return agreed
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, steps: int, restarts: int = 1, loss: str = "ce",
                  progress: bool = False) -> dict[str, Any]:
-        cfg = self.cfg
-        return evaluate(self.model, x, y, batch_size=max(cfg.batch_size, 256), eps=cfg.eval_eps, step=cfg.eval_step,
-                        steps=steps, restarts=restarts, loss=loss, device=self.device, progress=progress,
-                        seed=cfg.seed, backend=cfg.backend)
+        """Clean and PGD accuracy (float32, eval mode); several ranks evaluate a slice each and combine."""
+        cfg, comm = self.cfg, self.comm
+        comm.average_buffers(self.model)  # every rank evaluates the same model
+        if comm.distributed:
+            x, y = x[comm.rank::comm.world], y[comm.rank::comm.world]
+        if x.shape[0] == 0:
+            ev: dict[str, Any] = {"clean_acc": 0.0, "robust_acc": 0.0 if steps else None, "n": 0}
+        else:
+            ev = evaluate(self.model, x, y, batch_size=max(cfg.batch_size, 256), eps=cfg.eval_eps, step=cfg.eval_step,
+                          steps=steps, restarts=restarts, loss=loss, device=self.device,
+                          progress=progress and comm.is_main, seed=cfg.seed + 104729 * comm.rank, backend=cfg.backend)
+        if not comm.distributed:
+            return ev
+        parts = comm.gather_objects(ev)
+        n = sum(p["n"] for p in parts)
+        out = {"clean_acc": sum(p["clean_acc"] * p["n"] for p in parts) / n, "n": n, "robust_acc": None}
+        if parts[0]["robust_acc"] is not None:
+            out["robust_acc"] = sum(p["robust_acc"] * p["n"] for p in parts) / n
+        return out
 
 
 def _load_resume(out: Path) -> dict[str, Any]:
@@ -334,16 +417,42 @@ def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> 
                                stop.exit_code)
 
 
+def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = False) -> None:
+    """checkpoint.pt (and model.pt / model_best.pt), built on every rank, written by rank 0."""
+    state = run.state_dict()
+    if not run.comm.is_main:
+        return
+    if best:
+        checkpoint.save(out / "model_best.pt", run.model_payload())
+    checkpoint.save(out / "checkpoint.pt", state)
+    if model_too:
+        checkpoint.save(out / "model.pt", run.model_payload())
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          data: ImageData | None = None) -> dict[str, Any]:
+          data: ImageData | None = None, model: nn.Module | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return the final results; with ``cfg.out`` set, write metrics and checkpoints there.
 
     ``resume`` continues the run in ``cfg.out`` from its checkpoint.pt with the saved config (only
-    ``epochs`` may grow). Raises ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written),
-    ``NumericFaultError`` after ``cfg.max_faults`` non-finite steps, ConfigError/DataError/
-    CheckpointError on bad input, in which case nothing has been written.
+    ``epochs`` may grow). ``model``: a user's model instead of ``cfg.model`` (see ``Run``; pass it
+    again to resume). Under torchrun (``WORLD_SIZE`` > 1) the processes train one model data-parallel
+    (``distributed.py``) and rank 0 writes; a checkpoint resumes on any number of processes.
+    Raises ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written), ``NumericFaultError``
+    after ``cfg.max_faults`` non-finite steps, ConfigError/DataError/CheckpointError on bad input,
+    in which case nothing has been written.
     """
     cfg.validate()
+    comm, device = Comm.from_env(cfg.device)
+    try:
+        return _train(cfg, comm, device, resume, overwrite, progress, data, model)
+    finally:
+        comm.close()
+
+
+def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, progress: bool,
+           data: ImageData | None, model: nn.Module | None) -> dict[str, Any]:
+    """``train`` inside its process group."""
+    progress = progress and comm.is_main
     out = check_out_dir(cfg.out, resume, overwrite)
     saved = None
     if resume:
@@ -352,17 +461,23 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         epochs = cfg.epochs
         cfg = Config.from_dict(saved["config"])
         cfg.epochs, cfg.out = max(epochs, cfg.epochs), str(out)
-    run = Run(cfg, data)
+    run = Run(cfg, data, model=model, comm=comm, device=device)
     if saved is not None:
         run.load_state_dict(saved)
     history: list[dict[str, Any]] = []
+    comm.barrier()  # every rank has checked everything before rank 0 writes
     if out is not None:  # everything is checked: from here on the run may write
-        prepare_out_dir(str(out), resume, overwrite)
         run.out = out
-        if resume:
-            history = _trim_metrics(out, run)
-        else:
-            checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        if comm.is_main:
+            prepare_out_dir(str(out), resume, overwrite)
+            if resume:
+                history = _trim_metrics(out, run)
+            else:
+                checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        elif resume:
+            history = comm.broadcast_object(None)
+        if comm.is_main and resume:
+            comm.broadcast_object(history)
     d = run.data
     hx, hy = d.test_x[run.holdout], d.test_y[run.holdout]
     stop = StopSignals()
@@ -377,13 +492,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
             if out is None:
                 raise
             if not (out / "checkpoint.pt").exists():  # nothing saved yet: the current state is finite, keep it
-                checkpoint.save(out / "checkpoint.pt", run.state_dict())
+                _save_checkpoint(run, out)
             raise NumericFaultError(f"{err}; {out}/checkpoint.pt holds the last good state "
                                     f"(resume with: apart-fast train --resume {out})") from None
     ev = results.pop("_final")
     results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
                    eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
-    if out is not None:
+    if out is not None and comm.is_main:
         checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
     results["model"] = run.model
     return results
@@ -397,7 +512,7 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
         stats = run.train_epoch(progress, stop)
         if stats is None:  # a signal mid-epoch: save the step we stopped after
             if out is not None:
-                checkpoint.save(out / "checkpoint.pt", run.state_dict())
+                _save_checkpoint(run, out)
             raise _interrupted(run, out, stop, saved=True)
         rec: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step_count, **stats}
         run.epoch += 1
@@ -413,19 +528,17 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
         rec.update(best_epoch=run.best_epoch, best_holdout_robust_acc=run.best_robust, skipped_steps=run.faults.total)
         history.append(rec)
         if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if improved:
-                checkpoint.save(out / "model_best.pt", run.model_payload())
-            checkpoint.save(out / "checkpoint.pt", run.state_dict())
-            checkpoint.save(out / "model.pt", run.model_payload())
-        if progress:
+            if run.comm.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            _save_checkpoint(run, out, model_too=True, best=improved)
+        if progress and run.comm.is_main:
             desc = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and not k.startswith("a_"))
             tqdm.write(f"[{cfg.method}] epoch {rec['epoch']}: {desc}")
-        if stop.signum is not None:
+        if run._should_stop(stop, 0):
             raise _interrupted(run, out, stop, saved=True)
     stop.hard = True  # training is complete and saved: a signal now aborts the final evaluation at once
-    if stop.signum is not None:
+    if run._should_stop(stop, 0):
         raise _interrupted(run, out, stop, saved=False)
     results: dict[str, Any] = {"method": cfg.method, "epochs": run.epochs, "train_seconds": run.train_seconds,
                                "best_epoch": run.best_epoch, "best_holdout_robust_acc": run.best_robust,

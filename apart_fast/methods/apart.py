@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
-from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
+from apart_fast.engine.faults import conditional_step, grads_of
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
@@ -92,10 +92,12 @@ class Apart(Method):
         omega = ops.omega_gather(self.store, batch.index, batch.crop, batch.flip, x.shape[-2:], backend=be)
         x0, d0 = ops.perturb_init(x, omega, self.a_init, eps, backend=be)
         x0_leaf = x0.detach().requires_grad_(True)
-        with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1):
+        with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1), self.precision.autocast():
             loss1 = F.cross_entropy(self.model(x0_leaf), y)
             hs = [s.recorded for s in self.sites]
-        grads = torch.autograd.grad(loss1, [x0_leaf, *hs])
+        # Input gradients only: no parameter gradient, so no cross-rank reduction either. Only their
+        # signs are used; fp16 scales the loss so that small gradients do not underflow to sign 0.
+        grads = torch.autograd.grad(self.precision.scaled(loss1), [x0_leaf, *hs])
         signs = [ops.pack_sign(g, backend=be) for g in grads[1:]]
         return omega, d0, grads[0], signs
 
@@ -115,29 +117,59 @@ class Apart(Method):
         x1, _ = ops.sign_step(x, d0, g_x, self.a_in, self.cfg.eps, backend=be)
         x1.retain_grad()
         alphas = [self.a_layer[i] for i in range(len(self.sites))]
-        with applying(self.sites, signs, alphas, backend=be):
+        with applying(self.sites, signs, alphas, backend=be), self.precision.autocast():
             logits = self.model(x1)
-        loss2 = F.cross_entropy(logits, y)
+            loss2 = F.cross_entropy(logits, y)
         ratio = (self.a_in / self.a_init).detach()
         self.optimizer.zero_grad(set_to_none=True)
         self.gen_optimizer.zero_grad(set_to_none=True)
-        loss2.backward()
+        self.precision.scaled(loss2).backward()
         return loss2, logits, x1.grad, ratio
+
+    def update_grads(self) -> list[Tensor]:
+        """The gradients pass 2 produced for the model and the step sizes, each once (zeros where none)."""
+        for p in self.step_sizes():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        seen: set[int] = set()
+        out = []
+        for g in [*grads_of(self.optimizer), *(p.grad for p in self.step_sizes())]:
+            if id(g) not in seen:
+                seen.add(id(g))
+                out.append(g)
+        return out
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         """One APART step; where its loss or any gradient (model, step sizes, dL2/dx1) is not finite,
         the model update, the step-size update and the omega update are all skipped on the device."""
         loss2, logits, g_x1, ratio = self.forward_backward(batch)
-        ok = finite_flag(loss2, [*grads_of(self.optimizer), *(p.grad for p in self.step_sizes()), g_x1, ratio])
+        # Unscaled (fp16) and averaged across ranks: model and step-size gradients alike.
+        ok = self.finish_backward(loss2, self.update_grads(), [g_x1, ratio])
         self.step_ok = ok
         self._ascend(ok)
         conditional_step(self.optimizer, ok)
+        self.precision.update(ok)
         self.schedule.step()
         # Skipped: omega + (-0.0)*sign(0) == omega bit for bit (x + -0.0 == x for every x, -0.0 included).
         g_safe = torch.where(ok, g_x1, torch.zeros_like(g_x1))
         ratio_safe = torch.where(ok, ratio, torch.full_like(ratio, -0.0))
-        ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g_safe, ratio_safe, backend=self.cfg.backend)
+        self._update_store(batch, g_safe, ratio_safe)
         return self.metrics(loss2, logits, batch.y)
+
+    def _update_store(self, batch: Batch, g: Tensor, ratio: Tensor) -> None:
+        """The omega update of every example of the global batch (the store is replicated on every rank,
+        see engine/distributed.py): the ranks all-gather the int8 sign of dL2/dx1 and the (index, crop,
+        flip) rows, so every rank applies the same update in the same order. ``ratio`` is the same on
+        every rank (identical step sizes, agreed keep flag)."""
+        be = self.cfg.backend
+        if not self.comm.distributed:
+            ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g, ratio, backend=be)
+            return
+        sign = self.comm.all_gather_cat(ops.pack_sign(g, backend=be))
+        rows = torch.cat([batch.index[:, None], batch.crop.long(), batch.flip[:, None].long()], 1)
+        rows = self.comm.all_gather_cat(rows)
+        ops.omega_update(self.store, rows[:, 0], rows[:, 1:3], rows[:, 3].bool(), sign.to(self.store.dtype), ratio,
+                         backend=be)
 
     def _ascend(self, ok: Tensor | None = None) -> None:
         """Gradient ascent on the step sizes (their own SGD, L2 penalty as weight decay), then the hard clamp.
@@ -148,7 +180,7 @@ class Apart(Method):
         for p in self.step_sizes():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.neg_()
+            p.grad.neg_()  # already unscaled (fp16) and averaged across ranks by ``finish_backward``
         if ok is None:
             self.gen_optimizer.step()
         else:

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast.config import Config
-from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
+from apart_fast.engine.amp import FP32, Precision
+from apart_fast.engine.distributed import LOCAL, Comm
+from apart_fast.engine.faults import conditional_step, grads_of
 from apart_fast.engine.schedule import CyclicSchedule
 
 if TYPE_CHECKING:
@@ -35,6 +37,10 @@ class Method:
     not the optimizer itself, which the engine builds and checkpoints. Every update is kept only
     where its loss and gradients are finite (``engine.faults.conditional_step``, decided on the
     device); ``step_ok`` is the step's 0-dim bool flag, which the engine reads at log intervals.
+
+    The engine may set ``precision`` (autocast and the fp16 loss scale, ``engine.amp``) and ``comm``
+    (the process group, ``engine.distributed``): every update backward goes through
+    ``finish_backward``, which unscales, averages the gradients across ranks and decides the flag.
     """
 
     name: ClassVar[str]
@@ -48,10 +54,19 @@ class Method:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed + 1)
         self.step_ok: Tensor | None = None  # set by every step: False where its update was skipped
+        self.step_fault: Tensor | None = None  # True where the skip was a numeric fault (not an fp16 overflow)
+        self.precision: Precision = FP32
+        self.comm: Comm = LOCAL
 
     def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
         """Give the method the model optimizer and its schedule (called once by the engine)."""
         self.optimizer, self.schedule = optimizer, schedule
+
+    def use(self, precision: Precision, comm: Comm) -> None:
+        """Train with ``precision`` in process group ``comm``; rank r > 0 reseeds its random starts (its own examples)."""
+        self.precision, self.comm = precision, comm
+        if comm.rank:
+            self.generator.manual_seed(self.cfg.seed + 1 + 7919 * comm.rank)
 
     def extra_model_params(self) -> list[nn.Parameter]:
         """Parameters beyond the model's that the model optimizer must also hold (usually none)."""
@@ -68,14 +83,26 @@ class Method:
 
     def descend(self, x_in: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Forward, backward and one model-optimizer step on ``x_in``."""
-        logits = self.model(x_in)
-        loss = F.cross_entropy(logits, y)
+        with self.precision.autocast():
+            logits = self.model(x_in)
+            loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.step_ok = finite_flag(loss, grads_of(self.optimizer))
+        self.precision.scaled(loss).backward()
+        self.step_ok = self.finish_backward(loss, grads_of(self.optimizer))
         conditional_step(self.optimizer, self.step_ok)
+        self.precision.update(self.step_ok)
         self.schedule.step()
         return self.metrics(loss, logits, y)
+
+    def finish_backward(self, loss: Tensor, grads: list[Tensor], local: list[Tensor | None] | tuple = ()) -> Tensor:
+        """After an update backward: unscale (fp16), average ``grads`` across ranks, and return the keep
+        flag, the same on every rank (True where the loss, the gradients and the rank-local tensors
+        ``local`` are finite everywhere). Sets ``step_fault``: a skipped step counts as a numeric
+        fault unless it was an fp16 overflow (finite loss on every rank, non-finite scaled gradients)."""
+        self.precision.unscale_(grads)
+        ok, loss_ok = self.comm.reduce_grads_and_flag(loss, grads, local)
+        self.step_fault = ~ok & ~loss_ok if self.precision.scaler is not None else ~ok
+        return ok
 
     @staticmethod
     def metrics(loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -89,8 +116,10 @@ class Method:
     def input_grad(self, x_adv: Tensor, y: Tensor) -> Tensor:
         """dCE/dx at ``x_adv``: input gradient only, no parameter gradient accumulated."""
         x_adv = x_adv.detach().requires_grad_(True)
-        loss = F.cross_entropy(self.model(x_adv), y)
-        return torch.autograd.grad(loss, x_adv)[0]
+        with self.precision.autocast():
+            loss = F.cross_entropy(self.model(x_adv), y)
+        # fp16: the scaled loss keeps small gradients from underflowing; only their sign is used.
+        return torch.autograd.grad(self.precision.scaled(loss), x_adv)[0]
 
     def uniform_start(self, x: Tensor, eps: float) -> Tensor:
         """x + U(-eps, eps) noise from the method's own generator, clamped to [0,1]."""
@@ -106,3 +135,12 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+    def rank_state(self) -> dict:
+        """The state that differs between ranks (random starts drawn for the rank's own examples)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_rank_state(self, state: dict | None) -> None:
+        """Restore ``rank_state``; None (a rank the checkpoint did not have) keeps the fresh per-rank seed."""
+        if state is not None:
+            self.generator.set_state(state["generator"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apart_fast import ops
-from apart_fast.engine.faults import conditional_step, finite_flag, grads_of
+from apart_fast.engine.faults import conditional_step, grads_of
 from apart_fast.methods.base import Method
 
 if TYPE_CHECKING:
@@ -41,25 +41,37 @@ class Free(Method):
         x, y, eps = batch.x, batch.y, self.cfg.eps
         out: dict[str, Tensor] = {}
         all_ok = torch.ones((), dtype=torch.bool, device=x.device)
+        faults = torch.zeros((), dtype=torch.bool, device=x.device)
         for _ in range(self.cfg.free_replays):
             x_adv = torch.clamp(x + self._delta_for(x), 0.0, 1.0).requires_grad_(True)
-            logits = self.model(x_adv)
-            loss = F.cross_entropy(logits, y)
+            with self.precision.autocast():
+                logits = self.model(x_adv)
+                loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # The same backward yields the input gradient for the next perturbation.
-            ok = finite_flag(loss, [*grads_of(self.optimizer), x_adv.grad])
+            self.precision.scaled(loss).backward()
+            # The same backward yields the input gradient for the next perturbation (its sign only).
+            ok = self.finish_backward(loss, grads_of(self.optimizer), [x_adv.grad])
+            faults = faults | self.step_fault
             delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
             self.delta = torch.where(ok, delta, self._delta_for(x))  # a faulty replay keeps the old perturbation
             conditional_step(self.optimizer, ok)
+            self.precision.update(ok)
             self.schedule.step()
             all_ok = all_ok & ok
             out = self.metrics(loss, logits, y)
-        self.step_ok = all_ok
+        self.step_ok, self.step_fault = all_ok, faults
         return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "delta": self.delta}
+
+    def rank_state(self) -> dict:
+        return {**super().rank_state(), "delta": self.delta}
+
+    def load_rank_state(self, state: dict | None) -> None:
+        super().load_rank_state(state)
+        if state is not None:
+            self.delta = state["delta"]  # a different per-rank batch size resets it (``_delta_for``)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
