@@ -2,7 +2,7 @@
 # Everything worth measuring on a lent GPU, in one call of at most ~9 minutes, from the repository root:
 #   benchmarks/gpu_suite.sh [OUTDIR] [CIFAR_TGZ]
 # Needs torch, triton and nvcc; no internet. Steps: build the extension (pip install -e .), the GPU-marked
-# tests, the op benchmarks (bench kernels), bench cost for PreAct ResNet-18 width 64 at batch 128 and 512,
+# tests, the op benchmarks (bench kernels; torch.compile providers last), bench cost for PreAct ResNet-18 width 64 at batch 128 and 512,
 # and a short CIFAR-10 (JPEG) training of APART and PGD-10 (data: 2nd argument or $CIFAR_TGZ; skipped when
 # absent). Each step has its own timeout, cut to what is left of SUITE_BUDGET_S (default 540 s); a failed
 # step is recorded and the suite goes on. Every log, JSON and table lands in OUTDIR; a summary is printed last.
@@ -58,8 +58,9 @@ step env 20 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); 
 step install 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
 step info 20 "$PY" -c "import apart_fast.ops.dispatch as d, torch; print({b: d.available(b) or d.unavailable_reason(b) for b in d.BACKENDS}); print('auto on cuda:', d.auto_backend(torch.device('cuda')))"
 step gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-KT=$(( $(left) - 15 )); (( KT > 105 )) && KT=105
-step kernels 120 "$PY" -m apart_fast bench kernels --out "$OUT/kernels" --timeout "$KT"
+# torch.compile providers compile per op and size: they run last, in whatever time is left
+KT=$(( $(left) - 15 )); (( KT > 100 )) && KT=100
+step kernels 115 "$PY" -m apart_fast bench kernels --filter "not compile" --out "$OUT/kernels" --timeout "$KT"
 
 DTYPE=$("$PY" -c "from apart_fast.bench.cost import SUPPORTED_DTYPES; print('bf16' if 'bf16' in SUPPORTED_DTYPES else 'fp32')" 2>/dev/null || echo fp32)
 case $DTYPE in bf16 | fp32) ;; *) DTYPE=fp32 ;; esac
@@ -77,6 +78,10 @@ else
     echo "== train_cifar10: SKIPPED (no CIFAR-10 archive: pass it as the 2nd argument or set CIFAR_TGZ)"
     printf 'train_cifar10\tSKIP\t-\t0\tno CIFAR-10 archive given\n' >> "$STEPS"
 fi
+
+KT=$(( $(left) - 15 ))
+step kernels_compile 120 "$PY" -m apart_fast bench kernels --filter "compile and 128x64x32x32" \
+    --out "$OUT/kernels-compile" --timeout "$KT"
 
 {
     echo

@@ -23,8 +23,10 @@ import gc
 import itertools
 import json
 import math
+import os
 import statistics
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,8 +213,6 @@ class _Timed:
         self.last: dict[str, torch.Tensor] = {}
 
     def steps(self, count: int, record: bool, bar: tqdm) -> None:
-        import time
-
         cuda = self.device.type == "cuda"
         step = self.run.method.step
         for _ in range(count):
@@ -341,6 +341,7 @@ def run_cost(opts: CostOptions) -> dict[str, Any]:
     data = load_bench_data(opts)
     env = environment(opts.device)
     rows, mem_kind = measure(opts, data)
+    env["load_avg_after_timing"] = _load()
     trained = train_and_eval(opts, data, out) if opts.train_epochs else {}
     for r in rows:
         if r["method"] in trained:
@@ -362,6 +363,13 @@ def run_cost(opts: CostOptions) -> dict[str, Any]:
     plot(result, out / "cost.png")
     result["out"] = str(out)
     return result
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def claims(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -398,7 +406,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- command: `{env['command']}`",
         f"- device: {env['device']} ({env['device_name']}); CPU {env['cpu_model']}, {env['cpu_count']} cores, "
-        f"torch threads {env['torch_threads']}, load average {env['load_avg_1_5_15']} (1/5/15 min) at start",
+        f"torch threads {env['torch_threads']}, load average (1/5/15 min) {env['load_avg_1_5_15']} at start, "
+        f"{env.get('load_avg_after_timing')} after timing",
         f"- torch {env['torch']}, triton {env['triton']}, commit {env['apart_fast_commit']}, "
         f"op backend {rows[0]['backend'] if rows else '-'}",
         f"- data: {d['name']} {d['channels']}x{d['image_size'][0]}x{d['image_size'][1]}, {d['n_train']} training examples; "
