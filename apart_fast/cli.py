@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -166,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
             args.epochs = 1  # train() keeps max(this, the saved run's epochs): the same run, not a longer one
     cfg = config_from_args(args)
     res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))
     return 0
 
 
