@@ -25,20 +25,30 @@ def load_model(path: str, map_location: str = "cpu") -> nn.Module:
     state = checkpoint.load(path, map_location=map_location)
     if "model_config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} holds no model; pass model.pt or checkpoint.pt from apart-fast train")
+    if state["model_config"] is None:
+        raise checkpoint.CheckpointError(
+            f"{path} holds the weights of a user-defined model (no model.config); rebuild your model and load them "
+            f"with model.load_state_dict(apart_fast.engine.checkpoint.load({str(path)!r})['model'])")
     model = model_from_config(state["model_config"])
     model.load_state_dict(state["model"])
     return model.eval()
 
 
-def train(config: Any = None, **overrides: Any) -> dict[str, Any]:
-    """Train with a ``Config`` (or keyword overrides of the defaults); returns results incl. the model."""
+def train(config: Any = None, *, model: nn.Module | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train with a ``Config`` (or keyword overrides of the defaults); returns results incl. the model.
+
+    ``model``: your own model (float images in [0,1] -> logits) instead of ``config.model``; for
+    APART mark each residual block's perturbed activation with ``apart_fast.models.PerturbSite``.
+    Without a ``model.config`` attribute, model.pt holds its weights only (``load_model`` then asks
+    you to rebuild the model and load them).
+    """
     from apart_fast.config import Config
     from apart_fast.engine.loop import train as _train
 
     cfg = config if config is not None else Config()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    return _train(cfg)
+    return _train(cfg, model=model)
 
 
 __all__ = ["__version__", "load_model", "train"]
