@@ -45,6 +45,7 @@ from apart_fast.engine import checkpoint
 from apart_fast.engine.amp import Precision
 from apart_fast.engine.distributed import LOCAL, Comm, ShardLoader
 from apart_fast.engine.faults import BufferGuard, FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
+from apart_fast.engine.graphs import DeviceSchedule, DeviceSGD, GraphStep
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, Method, build_method
 from apart_fast.models import build_model
@@ -128,7 +129,14 @@ class Run:
             model = build_model(cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width,
                                 mean=mean, std=std)
         self.user_model = not hasattr(model, "config")
+        cuda = self.device.type == "cuda"
+        if cfg.sync_bn and self.comm.distributed and cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms once
+        if cfg.channels_last if cfg.channels_last is not None else cuda:
+            self.model.to(memory_format=torch.channels_last)
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
         self.loader: DeviceLoader = ShardLoader(
             d.train_x, d.train_y, cfg.batch_size, device=self.device, pad=pad, pad_mode=cfg.pad_mode,
@@ -137,16 +145,26 @@ class Run:
         h, w = d.image_size
         info = DataInfo(n_train=n_train, channels=d.channels, height=h, width=w, pad=pad)
         self.method: Method = build_method(cfg.method, self.model, cfg, info, self.device)
-        self.precision = Precision(cfg.amp, self.device)
+        # CUDA graphs (graphs.py): one process, a method whose step is capturable; --cuda-graphs on a
+        # CPU runs the same static-buffer step eagerly (its optimizer and schedule use device tensors).
+        auto_graphs = cuda and self.method.capturable and not self.comm.distributed
+        self.graphs = bool(cfg.cuda_graphs if cfg.cuda_graphs is not None else auto_graphs)
+        if self.graphs and (not self.method.capturable or self.comm.distributed):
+            raise ConfigError(f"--cuda-graphs: method {cfg.method} or a run with several processes cannot be "
+                              "captured; pass --no-cuda-graphs")
+        self.precision = Precision(cfg.amp, self.device, cache=not self.graphs)
         self.method.use(self.precision, self.comm)
+        if cfg.compile:
+            self.method.model = torch.compile(self.model)  # the engine keeps the plain module for checkpoints
         store = getattr(self.method, "store", None)
         self.comm.broadcast_([*getattr(self.method, "step_sizes", list)(), *([store] if store is not None else [])])
         self.epochs = math.ceil(cfg.epochs / self.method.data_passes_divisor)
         steps = self.epochs * len(self.loader)
         params = list(self.model.parameters()) + self.method.extra_model_params()
-        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt_cls, sched_cls = (DeviceSGD, DeviceSchedule) if self.graphs else (torch.optim.SGD, CyclicSchedule)
+        self.optimizer = opt_cls(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         replays = self.method.data_passes_divisor
-        self.schedule = CyclicSchedule(self.optimizer, steps * replays, cfg.lr, (cfg.momentum, cfg.momentum_low))
+        self.schedule = sched_cls(self.optimizer, steps * replays, cfg.lr, (cfg.momentum, cfg.momentum_low))
         self.method.attach(self.optimizer, self.schedule, steps)
         g = torch.Generator().manual_seed(cfg.seed + 3)
         n_test = int(d.test_x.shape[0])
@@ -157,6 +175,8 @@ class Run:
         self.train_seconds = 0.0
         self.best_robust, self.best_epoch = -1.0, 0  # held-out robust accuracy of model_best.pt
         self.buffers = BufferGuard(self.model)
+        gens = [self.method.generator] if cuda else []
+        self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=gens) if self.graphs else None
         self.faults = FaultMonitor(self.device, cfg.log_interval)
         self.out: Path | None = None  # where fault events are logged (set by ``train``)
         self._epoch_loader: dict[str, Any] | None = None  # loader state before the current epoch's draw
@@ -291,7 +311,7 @@ class Run:
         for i, batch in enumerate(bar):
             if i < skip:
                 continue
-            m, ok, fault = self.step(batch)
+            m, ok, fault = self.stepper(batch) if self.stepper is not None else self.step(batch)
             self.step_count += 1
             self.step_in_epoch = i + 1
             self.faults.record(self.step_count, ~fault)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from apart_fast import ops
 from apart_fast.engine.faults import conditional_step, grads_of
+from apart_fast.engine.graphs import DeviceSchedule, DeviceSGD
 from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
@@ -72,7 +73,7 @@ class Apart(Method):
         self.gen_optimizer = torch.optim.SGD(
             self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay
         )
-        self.gen_schedule: CyclicSchedule | None = None
+        self.gen_schedule: CyclicSchedule | DeviceSchedule | None = None
 
     def step_sizes(self) -> list[nn.Parameter]:
         """The generator's learnable scalars, in a fixed order."""
@@ -84,7 +85,12 @@ class Apart(Method):
     def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
         super().attach(optimizer, schedule, total_steps)
         m = (self.cfg.momentum, self.cfg.momentum_low)
-        self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, self.cfg.apart.lr, m)
+        if isinstance(schedule, DeviceSchedule):  # CUDA-graph step: lr and momentum as device tensors
+            a = self.cfg.apart
+            self.gen_optimizer = DeviceSGD(self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay)
+            self.gen_schedule = DeviceSchedule(self.gen_optimizer, total_steps, a.lr, m)
+        else:
+            self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, self.cfg.apart.lr, m)
 
     def _pass1(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Initialise from the store and take pass 1's input and per-block gradient signs (no parameter grads)."""

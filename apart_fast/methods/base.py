@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str]
     passes: ClassVar[int]  # forward+backward passes per step, for the cost report
     data_passes_divisor: ClassVar[int] = 1  # Free divides the number of passes over the data
+    capturable: ClassVar[bool] = True  # one step can be captured in a CUDA graph (engine/graphs.py)
 
     def __init__(self, model: nn.Module, cfg: Config, info: DataInfo, device: torch.device) -> None:
         self.model, self.cfg, self.info, self.device = model, cfg, info, torch.device(device)
@@ -110,7 +111,7 @@ class Method:
         return {
             "loss": loss.detach() * n,
             "correct": (logits.detach().argmax(1) == y).sum(),
-            "n": torch.tensor(n, device=y.device),
+            "n": torch.full((), n, dtype=torch.int64, device=y.device),  # a fill kernel: capturable, no H2D copy
         }
 
     def input_grad(self, x_adv: Tensor, y: Tensor) -> Tensor:

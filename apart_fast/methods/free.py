@@ -22,6 +22,7 @@ class Free(Method):
 
     name = "free"
     passes = 1  # per replay; a step is m replays, see step()
+    capturable = False  # its perturbation is re-bound every replay and reset on a shape change
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
