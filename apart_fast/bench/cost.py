@@ -275,6 +275,7 @@ def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], s
             "passes_per_step": int(method.passes),
             "updates_per_step": divisor,  # optimizer updates (Free: m replays)
             "step_s": stats,
+            "step_times_s": list(t.times),  # every timed step, in order
             "round_medians": [statistics.median(t.times[i:i + opts.steps]) for i in range(0, len(t.times), opts.steps)],
             "s_per_step": stats["median"],
             "s_per_update": stats["median"] / divisor,  # Free: per replay-batch
