@@ -8,9 +8,10 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, ApartConfig, Config
+from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, ApartConfig, Config, ConfigError
 
 HELP = {
     "method": "training method",
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
+    parser.train_parser = t  # type: ignore[attr-defined]  # _given_flags reads the train options
     return parser
 
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            args.epochs_given = any(a == "--epochs" or a.startswith("--epochs=") for a in argv)
+            args.given = _given_flags(build_parser(), argv)
             return _train(args)
         if args.command == "eval":
             return _eval(args)
@@ -154,6 +156,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the train options written on the command line (not left at their defaults)."""
+    given = set()
+    for action in parser.train_parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def _refuse_changed_settings(cfg: Config, given: set[str], out: str) -> None:
+    """A resumed run keeps its saved config: refuse flags that would silently be ignored (only --epochs may grow)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return  # train() reports the missing run
+    saved = Config.from_dict(json.loads(path.read_text())).to_dict()
+    now = cfg.to_dict()
+    flat = {**{k: v for k, v in now.items() if k != "apart"}, **{f"apart_{k}": v for k, v in now["apart"].items()}}
+    old = {**{k: v for k, v in saved.items() if k != "apart"}, **{f"apart_{k}": v for k, v in saved["apart"].items()}}
+    for dest in sorted(given - {"epochs", "out", "resume", "overwrite", "no_progress"}):
+        if dest in flat and flat[dest] != old.get(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} {flat[dest]} differs from the run in {out} ({old.get(dest)}); a resumed run keeps "
+                              f"its settings (only --epochs may grow): drop {flag} or start a new --out")
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -163,9 +191,11 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         args.out = args.resume
-        if not getattr(args, "epochs_given", False):
+        if "epochs" not in args.given:
             args.epochs = 1  # train() keeps max(this, the saved run's epochs): the same run, not a longer one
     cfg = config_from_args(args)
+    if args.resume:
+        _refuse_changed_settings(cfg, args.given, args.resume)
     res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))

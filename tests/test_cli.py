@@ -184,3 +184,14 @@ def test_ops_refuse_mismatched_dtypes_and_devices():
         ops.pgd_step(x, x, torch.randn_like(x), 0.1, 2.0)
     with pytest.raises(ValueError, match="a_init is on meta"):
         ops.perturb_init(x, torch.zeros_like(x), torch.tensor(0.1, device="meta"), 0.1)
+
+
+def test_resume_refuses_a_changed_model_or_setting(trained, capsys):
+    fails(["train", "--resume", str(trained), "--model", "preact18"], capsys,
+          "--model preact18 differs from the run", "(smallcnn)", "only --epochs may grow")
+    fails(["train", "--resume", str(trained), "--apart-lr", "0.1"], capsys, "--apart-lr 0.1 differs")
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(trained, capsys):
+    fails(["eval", "--checkpoint", str(trained / "model.pt"), "--dataset", "synthetic", "--model", "preact18"],
+          capsys, "holds a smallcnn model, not preact18")
