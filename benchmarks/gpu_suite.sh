@@ -62,9 +62,9 @@ step gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 KT=$(( $(left) - 15 )); (( KT > 100 )) && KT=100
 step kernels 115 "$PY" -m apart_fast bench kernels --filter "not compile" --out "$OUT/kernels" --timeout "$KT"
 
-DTYPE=$("$PY" -c "from apart_fast.bench.cost import SUPPORTED_DTYPES; print('bf16' if 'bf16' in SUPPORTED_DTYPES else 'fp32')" 2>/dev/null || echo fp32)
+DTYPE=$("$PY" -c "import torch; print('bf16' if torch.cuda.is_bf16_supported() else 'fp32')" 2>/dev/null || echo fp32)
 case $DTYPE in bf16 | fp32) ;; *) DTYPE=fp32 ;; esac
-echo "== cost dtype: $DTYPE (bf16 once the engine supports autocast)"
+echo "== cost dtype: $DTYPE (bf16 autocast where the GPU supports it)"
 COST=(--model preact18 --width 64 --dataset synthetic --image-size 32 --synthetic-n 50000 --epoch-size 50000
       --device cuda --dtype "$DTYPE" --warmup 5 --steps 20 --rounds 2 --no-progress)
 step cost_b128 75 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size 128 --out "$OUT/cost-b128"

@@ -40,9 +40,8 @@ from apart_fast.bench.env import environment, timestamp
 from apart_fast.config import METHODS, Config, ConfigError
 from apart_fast.data import Batch, ImageData, load_dataset
 
-DTYPES = ("fp32", "bf16")
-# The engine has no mixed-precision mode yet (Config has no precision field): only fp32 is measured.
-SUPPORTED_DTYPES = ("fp32",)
+# Benchmark precision -> the engine's --amp mode (autocast around the forward passes; fp16 loss-scaled).
+DTYPES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_METHODS = ("clean", "fgsm_rs", "free", "pgd", "apart")
 LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "free": "Free", "pgd": "PGD", "apart": "APART"}
 
@@ -82,9 +81,6 @@ class CostOptions:
             raise ConfigError(f"--methods {','.join(self.methods)}: unknown {bad}; choose from {', '.join(METHODS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype}; choose one of {', '.join(DTYPES)}")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ConfigError(f"--dtype {self.dtype} is not supported yet: the training engine has no mixed-precision "
-                              f"(autocast) mode, so bench cost measures {', '.join(SUPPORTED_DTYPES)} only")
         for name in ("steps", "rounds", "batch_size", "synthetic_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
@@ -116,7 +112,7 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
     """The engine Config of one method under the benchmark's shared settings."""
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
-                  device=opts.device, seed=opts.seed, backend=opts.backend).validate()
+                  device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype]).validate()
 
 
 class _Memory:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from apart_fast.bench import kernels
+from apart_fast.bench.cost import CostOptions, run_cost
 from apart_fast.bench.env import REPO_ROOT
 from apart_fast.cli import main
 
@@ -55,7 +56,6 @@ def test_cost_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cost_free_epoch_division(tmp_path: Path) -> None:
-    from apart_fast.bench.cost import CostOptions, run_cost
 
     res = run_cost(CostOptions(methods=["free"], model="smallcnn", width=4, synthetic_n=64, batch_size=16, warmup=0,
                                steps=1, free_replays=2, epoch_size=128, out=str(tmp_path), progress=False))
@@ -66,9 +66,13 @@ def test_cost_free_epoch_division(tmp_path: Path) -> None:
     assert r["step_vs_pgd"] is None
 
 
-def test_cost_rejects_bf16_and_bad_methods(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "cost", "--dtype", "bf16", "--out", str(tmp_path)]) == 2
-    assert "fp32" in capsys.readouterr().err
+def test_cost_bf16_runs_through_engine_autocast(tmp_path: Path) -> None:
+    res = run_cost(CostOptions(methods=["apart"], model="smallcnn", width=4, synthetic_n=64, batch_size=16, warmup=0,
+                               steps=1, epoch_size=64, dtype="bf16", out=str(tmp_path), progress=False))
+    assert res["rows"][0]["s_per_step"] > 0
+
+
+def test_cost_rejects_bad_methods(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "cost", "--methods", "clean,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
 
@@ -147,7 +151,6 @@ def test_gpu_suite_shell_syntax() -> None:
 
 
 def test_cost_train_eval(tmp_path: Path) -> None:
-    from apart_fast.bench.cost import CostOptions, run_cost
 
     res = run_cost(CostOptions(methods=["clean", "apart"], model="smallcnn", width=4, synthetic_n=64, batch_size=16,
                                warmup=0, steps=1, train_epochs=1, eval=True, eval_n=16, out=str(tmp_path), progress=False))
