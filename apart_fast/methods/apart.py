@@ -69,7 +69,7 @@ class Apart(Method):
         info = self.info
         shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        self.store = (torch.randn(shape, generator=gen) * a.omega_std).to(dev)
+        self.store = torch.randn(shape, generator=gen).mul_(a.omega_std).to(dev)  # in place: one copy on the CPU
         self.gen_optimizer = torch.optim.SGD(
             self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay
         )
