@@ -5,30 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, ApartConfig, Config, ConfigError
 
+# Help for fields whose comment in config.py is not enough on its own.
 HELP = {
-    "method": "training method",
     "dataset": "dataset name; 'digits' is bundled (no download)",
     "data_dir": "folder or .tar.gz in ImageFolder layout with train/ and test/, or torchvision's CIFAR folder",
     "model": "architecture",
-    "width": "first stage's channels (preact18: 64 is the paper's)",
-    "eps": "training L-inf budget in [0,1] image units (8/255 = 0.0314)",
-    "lr": "peak of the model's cyclic learning rate",
     "device": "cpu, cuda or cuda:N",
-    "backend": "perturbation-op backend: auto, torch, cpp, triton, cuda",
     "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
-    "amp": "mixed precision: auto (bf16 on CUDA if supported, else none), none, bf16, fp16 (with a loss scale)",
-    "cuda_graphs": "capture the steady-state training step in a CUDA graph (default: on for CUDA when the method can)",
-    "channels_last": "channels_last memory format (default: on for CUDA)",
-    "compile": "torch.compile the model",
-    "sync_bn": "with several CUDA processes: SyncBatchNorm instead of per-rank batch statistics",
 }
 # Subcommands that live beside their library code: (name, module with add_arguments/run, help).
 EXTENSIONS = (
@@ -38,15 +31,28 @@ EXTENSIONS = (
 CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES}
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in ``cls``'s source: config.py documents every knob once."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
 def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One --flag per dataclass field; bools get --flag / --no-flag."""
+    """One --flag per dataclass field, help from its config.py comment; bools get --flag / --no-flag."""
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name == "apart":
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
         dest = prefix + f.name
         default = f.default
-        help_ = HELP.get(f.name, "") + (f" (default {default})" if default is not None else "")
+        text = HELP.get(prefix + f.name) or comments.get(f.name, "")
+        help_ = text.replace("%", "%%") + (f" (default {default:.4g})" if isinstance(default, float) and
+                                            not isinstance(default, bool) else f" (default {default})")
         if isinstance(default, bool) or f.type in ("bool", "bool | None"):
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.type in ("int", "int | None"):
