@@ -4,6 +4,13 @@ Extensions: ``apart_fast._C_cpu`` is always built (needs only a C++ compiler). `
 built when nvcc is found (CUDA_HOME or PATH) and torch has CUDA, or when ``APART_FAST_FORCE_CUDA=1``;
 ``APART_FAST_NO_CUDA=1`` skips it. A missing CUDA toolchain is a warning, never a failed install.
 Defaults: ``TORCH_CUDA_ARCH_LIST=9.0`` when unset, ``MAX_JOBS`` from the environment else 2.
+
+CPU code generation: ``_C_cpu`` is compiled with ``-O3 -march=native -ffp-contract=off``. ``-march=native``
+targets the building machine's vector units (AVX2/AVX-512 here), so the library is built where it runs:
+a source install, as CI does on the machine kind it tests on; do not copy the built ``.so`` to another
+CPU. ``APART_FAST_CPU_ARCH`` overrides the target: a ``-march`` value (``x86-64-v3``, ``znver4``, ...)
+or ``none`` for the compiler's portable default. ``-ffp-contract=off`` forbids fused multiply-adds, which
+would round differently from the eager reference that the outputs must equal bit for bit.
 """
 
 import os
@@ -27,7 +34,8 @@ def _extensions() -> tuple[list, dict]:
     except ImportError:  # metadata-only invocations (e.g. egg_info without torch)
         warnings.warn("torch is not importable: building apart_fast without its C++/CUDA extensions", stacklevel=1)
         return [], {}
-    cxx = ["-O3", "-fopenmp"]
+    arch = os.environ.get("APART_FAST_CPU_ARCH", "native").strip() or "native"
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + ([] if arch.lower() == "none" else [f"-march={arch}"])
     exts = [
         cpp_extension.CppExtension(
             "apart_fast._C_cpu",

@@ -1,57 +1,111 @@
 // CPU implementation of the APART perturbation primitives (module apart_fast._C_cpu).
 //
-// One pass over memory per op: the elementwise math of perturb_math.h in plain loops over contiguous
-// pointers (the compiler vectorises the fp32/fp64 ones), split across threads with at::parallel_for.
-// Reductions (the step-size gradients) accumulate in fp32 (fp64 for fp64 data) in fixed chunks of
-// kChunk elements, each with kLanes independent partial sums; chunk sums are added in order, so the
-// result does not depend on the number of threads.
+// One pass over memory per op: the elementwise math of perturb_math.h in loops over `__restrict`
+// pointers with the scalars passed by value (so the compiler can prove the stores alias nothing and
+// vectorises them, `#pragma omp simd`), split across threads with at::parallel_for. The clamp-gradient
+// convention and the presence of an optional input are template parameters, so the inner loops hold
+// no branches. Backward writes every elementwise gradient and accumulates the step-size gradient in
+// the same loop. Reductions accumulate in fp32 (fp64 for fp64 data) in fixed chunks of kChunk
+// elements; chunk sums are added in order, so the result does not depend on the number of threads.
+//
+// Large outputs are fresh allocations whose first touch page-faults (4 KiB at a time: about as long
+// as the op's own arithmetic); they are advised to use transparent huge pages before the kernel
+// writes them (new_output), which cuts that cost several-fold. APART_FAST_CPU_THP=0 turns it off.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "perturb_checks.h"
 #include "perturb_convention.h"
 #include "perturb_math.h"
+
+#if defined(_OPENMP)
+#define APART_SIMD _Pragma("omp simd")
+#define APART_SIMD_SUM _Pragma("omp simd reduction(+ : sum)")  // the loops name their accumulator `sum`
+#else
+#define APART_SIMD
+#define APART_SIMD_SUM
+#endif
 
 namespace apart {
 namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel task for the elementwise ops
 constexpr int64_t kChunk = 32768;  // elements per partial sum of a reduction
-constexpr int kLanes = 8;          // independent accumulators inside a chunk (vector width)
+constexpr size_t kHugeMin = size_t(4) << 20;  // outputs from 4 MiB on are advised to use huge pages
+constexpr uintptr_t kHuge = uintptr_t(2) << 20;  // the x86-64 transparent huge page size
 
 bool g_at_bound = true;  // clamp passes the gradient at its bounds; measured at import (perturb_convention.h)
+
+bool thp_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("APART_FAST_CPU_THP");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// Ask the kernel for transparent huge pages over the 2 MiB-aligned interior of a fresh buffer, before
+// its first touch. Advisory only: a failure (or a kernel without THP) leaves ordinary pages.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t nbytes = t.nbytes();
+  if (nbytes < kHugeMin || !thp_enabled()) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + nbytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// A contiguous output shaped like `like` (contiguous itself), of `like`'s dtype unless given.
+at::Tensor new_output(const at::Tensor& like, c10::optional<at::ScalarType> dtype = c10::nullopt) {
+  auto t = at::empty(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
+  advise_huge_pages(t);
+  return t;
+}
 
 template <typename F>
 void parallel_elementwise(int64_t n, const F& fn) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { fn(begin, end); });
 }
 
-// Sum of term(i) over [0, n), also running term's side effects (the elementwise outputs) exactly once per i.
+// Sum over [0, n) of chunk(begin, end), the partial sum of one chunk (which also writes that chunk's
+// elementwise outputs); chunks of kChunk elements run in parallel and are added in index order.
 template <typename acc_t, typename F>
-acc_t chunked_sum(int64_t n, const F& term) {
+acc_t chunked_sum(int64_t n, const F& chunk) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<acc_t> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1)), acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-      acc_t lanes[kLanes] = {};
-      int64_t i = begin;
-      for (; i + kLanes <= end; i += kLanes) {
-        for (int k = 0; k < kLanes; ++k) lanes[k] += term(i + k);
-      }
-      for (; i < end; ++i) lanes[0] += term(i);
-      acc_t s = acc_t(0);
-      for (int k = 0; k < kLanes; ++k) s += lanes[k];
-      partial[static_cast<size_t>(c)] = s;
+      partial[static_cast<size_t>(c)] = chunk(begin, end);
     }
   });
   acc_t total = acc_t(0);
   for (acc_t p : partial) total += p;
   return total;
+}
+
+// Calls fn(std::integral_constant<bool, b>) for a runtime b: the branch leaves the inner loops.
+template <typename F>
+void with_bool(bool b, const F& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 template <typename acc_t>
@@ -66,6 +120,84 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; the cpp backend takes CPU tensors (use cuda)");
 }
 
+// ---- inner loops: [begin, end) of one task, pointers restrict-qualified, scalars by value ----
+
+template <typename scalar_t, typename acc_t>
+void init_fwd_loop(int64_t b, int64_t e, const scalar_t* __restrict x, const scalar_t* __restrict omega, acc_t a,
+                   acc_t eps, scalar_t* __restrict x0, scalar_t* __restrict d0) {
+  APART_SIMD
+  for (int64_t i = b; i < e; ++i) init_fwd<scalar_t, acc_t>(x[i], omega[i], a, eps, x0[i], d0[i]);
+}
+
+template <typename scalar_t, typename acc_t, bool kAtBound, bool kHasGd>
+acc_t init_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx0, const scalar_t* __restrict gd0,
+                    const scalar_t* __restrict x, const scalar_t* __restrict omega, acc_t a, acc_t eps,
+                    scalar_t* __restrict gx_out) {
+  acc_t sum = acc_t(0);
+  APART_SIMD_SUM
+  for (int64_t i = b; i < e; ++i) {
+    acc_t gx;
+    const acc_t gd = kHasGd ? static_cast<acc_t>(gd0[i]) : acc_t(0);
+    sum += init_bwd<scalar_t, acc_t>(gx0[i], gd, x[i], omega[i], a, eps, kAtBound, gx);
+    gx_out[i] = static_cast<scalar_t>(gx);
+  }
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+void step_fwd_loop(int64_t b, int64_t e, const scalar_t* __restrict x, const scalar_t* __restrict d,
+                   const scalar_t* __restrict g, acc_t a, acc_t eps, scalar_t* __restrict x1,
+                   scalar_t* __restrict d1) {
+  APART_SIMD
+  for (int64_t i = b; i < e; ++i) step_fwd<scalar_t, acc_t>(x[i], d[i], sign<acc_t>(g[i]), a, eps, x1[i], d1[i]);
+}
+
+template <typename scalar_t, typename acc_t, bool kAtBound, bool kHasGd>
+acc_t step_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx1, const scalar_t* __restrict gd1,
+                    const scalar_t* __restrict x, const scalar_t* __restrict d, const scalar_t* __restrict g,
+                    acc_t a, acc_t eps, scalar_t* __restrict gx_out, scalar_t* __restrict gd_out) {
+  acc_t sum = acc_t(0);
+  APART_SIMD_SUM
+  for (int64_t i = b; i < e; ++i) {
+    acc_t gx, gd;
+    const acc_t gdi = kHasGd ? static_cast<acc_t>(gd1[i]) : acc_t(0);
+    sum += step_bwd<scalar_t, acc_t>(gx1[i], gdi, x[i], d[i], sign<acc_t>(g[i]), a, eps, kAtBound, gx, gd);
+    gx_out[i] = static_cast<scalar_t>(gx);
+    gd_out[i] = static_cast<scalar_t>(gd);
+  }
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+void pack_sign_loop(int64_t b, int64_t e, const scalar_t* __restrict g, int8_t* __restrict s) {
+  APART_SIMD
+  for (int64_t i = b; i < e; ++i) s[i] = sign_i8<acc_t>(g[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+void layer_fwd_loop(int64_t b, int64_t e, const scalar_t* __restrict h, const int8_t* __restrict s, acc_t a,
+                    scalar_t* __restrict out) {
+  APART_SIMD
+  for (int64_t i = b; i < e; ++i) out[i] = layer_fwd<scalar_t, acc_t>(h[i], static_cast<acc_t>(s[i]), a);
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t layer_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict g, const int8_t* __restrict s) {
+  acc_t sum = acc_t(0);
+  APART_SIMD_SUM
+  for (int64_t i = b; i < e; ++i) sum += static_cast<acc_t>(g[i]) * static_cast<acc_t>(s[i]);
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+void pgd_loop(int64_t b, int64_t e, const scalar_t* __restrict x_adv, const scalar_t* __restrict x,
+              const scalar_t* __restrict g, acc_t step, acc_t eps, scalar_t* __restrict out) {
+  APART_SIMD
+  for (int64_t i = b; i < e; ++i) out[i] = pgd<scalar_t, acc_t>(x_adv[i], x[i], sign<acc_t>(g[i]), step, eps);
+}
+
+// ---- primitives ----
+
 std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const at::Tensor& omega,
                                                    const at::Tensor& a_init, double eps) {
   check_cpu(x, "x");
@@ -73,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
   check_data(x, "x", x, "x");
   check_data(omega, "omega", x, "x");
   check_step(a_init, "a_init", x);
-  auto x0 = at::empty_like(x), d0 = at::empty_like(x);
+  auto x0 = new_output(x), d0 = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "perturb_init_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -82,9 +214,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
     const scalar_t* op = omega.const_data_ptr<scalar_t>();
     scalar_t* x0p = x0.mutable_data_ptr<scalar_t>();
     scalar_t* d0p = d0.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [&](int64_t b, int64_t e_) {
-      for (int64_t i = b; i < e_; ++i) init_fwd<scalar_t, acc_t>(xp[i], op[i], a, e, x0p[i], d0p[i]);
-    });
+    parallel_elementwise(n, [=](int64_t b, int64_t end) { init_fwd_loop<scalar_t, acc_t>(b, end, xp, op, a, e, x0p, d0p); });
   });
   return {x0, d0};
 }
@@ -99,26 +229,25 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
   const bool has_gd = grad_d0.has_value() && grad_d0->defined();
   if (has_gd) check_data(*grad_d0, "grad_d0", x, "x");
   check_step(a_init, "a_init", x);
-  auto grad_x = at::empty_like(x);
+  auto grad_x = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "perturb_init_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(eps);
-    const bool at_bound = g_at_bound;
     const scalar_t* gxp = grad_x0.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = omega.const_data_ptr<scalar_t>();
     scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
-    auto term = [&](int64_t i) -> acc_t {
-      acc_t gx;
-      const acc_t gd = gdp ? static_cast<acc_t>(gdp[i]) : acc_t(0);
-      const acc_t r = init_bwd<scalar_t, acc_t>(gxp[i], gd, xp[i], op[i], a, e, at_bound, gx);
-      out[i] = static_cast<scalar_t>(gx);
-      return r;
-    };
-    grad_a.fill_(chunked_sum<acc_t>(n, term));
+    with_bool(g_at_bound, [&](auto at_bound) {
+      with_bool(has_gd, [&](auto with_gd) {
+        grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
+          return init_bwd_loop<scalar_t, acc_t, decltype(at_bound)::value, decltype(with_gd)::value>(
+              b, end, gxp, gdp, xp, op, a, e, out);
+        }));
+      });
+    });
   });
   return {grad_x, grad_a};
 }
@@ -130,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
   check_data(d, "d", x, "x");
   check_data(g, "g", x, "x");
   check_step(a, "a", x);
-  auto x1 = at::empty_like(x), d1 = at::empty_like(x);
+  auto x1 = new_output(x), d1 = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "sign_step_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -140,10 +269,8 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* x1p = x1.mutable_data_ptr<scalar_t>();
     scalar_t* d1p = d1.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [&](int64_t b, int64_t e_) {
-      for (int64_t i = b; i < e_; ++i) {
-        step_fwd<scalar_t, acc_t>(xp[i], dp[i], sign<acc_t>(gp[i]), av, e, x1p[i], d1p[i]);
-      }
+    parallel_elementwise(n, [=](int64_t b, int64_t end) {
+      step_fwd_loop<scalar_t, acc_t>(b, end, xp, dp, gp, av, e, x1p, d1p);
     });
   });
   return {x1, d1};
@@ -161,13 +288,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
   const bool has_gd = grad_d1.has_value() && grad_d1->defined();
   if (has_gd) check_data(*grad_d1, "grad_d1", x, "x");
   check_step(a, "a", x);
-  auto grad_x = at::empty_like(x), grad_d = at::empty_like(x);
+  auto grad_x = new_output(x), grad_d = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "sign_step_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(eps);
-    const bool at_bound = g_at_bound;
     const scalar_t* gxp = grad_x1.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -175,15 +301,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* oxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* odp = grad_d.mutable_data_ptr<scalar_t>();
-    auto term = [&](int64_t i) -> acc_t {
-      acc_t gx, gdd;
-      const acc_t gd = gdp ? static_cast<acc_t>(gdp[i]) : acc_t(0);
-      const acc_t r = step_bwd<scalar_t, acc_t>(gxp[i], gd, xp[i], dp[i], sign<acc_t>(gp[i]), av, e, at_bound, gx, gdd);
-      oxp[i] = static_cast<scalar_t>(gx);
-      odp[i] = static_cast<scalar_t>(gdd);
-      return r;
-    };
-    grad_a.fill_(chunked_sum<acc_t>(n, term));
+    with_bool(g_at_bound, [&](auto at_bound) {
+      with_bool(has_gd, [&](auto with_gd) {
+        grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
+          return step_bwd_loop<scalar_t, acc_t, decltype(at_bound)::value, decltype(with_gd)::value>(
+              b, end, gxp, gdp, xp, dp, gp, av, e, oxp, odp);
+        }));
+      });
+    });
   });
   return {grad_x, grad_d, grad_a};
 }
@@ -192,15 +317,13 @@ at::Tensor pack_sign(const at::Tensor& g) {
   check_cpu(g, "g");
   check_float(g, "g");
   TORCH_CHECK(g.is_contiguous(), "g must be contiguous");
-  auto s = at::empty_like(g, g.options().dtype(at::kChar));
+  auto s = new_output(g, at::kChar);
   const int64_t n = g.numel();
   APART_DISPATCH(g.scalar_type(), "pack_sign", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     int8_t* sp = s.mutable_data_ptr<int8_t>();
-    parallel_elementwise(n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) sp[i] = sign_i8<acc_t>(gp[i]);
-    });
+    parallel_elementwise(n, [=](int64_t b, int64_t e) { pack_sign_loop<scalar_t, acc_t>(b, e, gp, sp); });
   });
   return s;
 }
@@ -211,7 +334,7 @@ at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at:
   TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
   check_sign(s, h);
   check_step(a, "a", h);
-  auto out = at::empty_like(h);
+  auto out = new_output(h);
   const int64_t n = h.numel();
   APART_DISPATCH(h.scalar_type(), "layer_perturb_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -219,9 +342,7 @@ at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at:
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const int8_t* sp = s.const_data_ptr<int8_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) op[i] = layer_fwd<scalar_t, acc_t>(hp[i], static_cast<acc_t>(sp[i]), av);
-    });
+    parallel_elementwise(n, [=](int64_t b, int64_t e) { layer_fwd_loop<scalar_t, acc_t>(b, e, hp, sp, av, op); });
   });
   return out;
 }
@@ -237,7 +358,7 @@ at::Tensor layer_perturb_bwd(const at::Tensor& grad_out, const at::Tensor& s) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const int8_t* sp = s.const_data_ptr<int8_t>();
-    grad_a.fill_(chunked_sum<acc_t>(n, [&](int64_t i) { return static_cast<acc_t>(gp[i]) * static_cast<acc_t>(sp[i]); }));
+    grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t e) { return layer_bwd_loop<scalar_t, acc_t>(b, e, gp, sp); }));
   });
   return grad_a;
 }
@@ -247,7 +368,7 @@ at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   check_float(x, "x");
   check_data(x_adv, "x_adv", x, "x");
   check_data(g, "g", x, "x");
-  auto out = at::empty_like(x);
+  auto out = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "pgd_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -256,9 +377,7 @@ at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tens
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [&](int64_t b, int64_t e_) {
-      for (int64_t i = b; i < e_; ++i) op[i] = pgd<scalar_t, acc_t>(ap[i], xp[i], sign<acc_t>(gp[i]), st, e);
-    });
+    parallel_elementwise(n, [=](int64_t b, int64_t end) { pgd_loop<scalar_t, acc_t>(b, end, ap, xp, gp, st, e, op); });
   });
   return out;
 }
@@ -281,6 +400,7 @@ at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const 
   const WindowArgs wa = check_window(store, index, crop, flip, src, h, w);
   check_window_bounds(wa, index, crop);
   auto out = at::empty({wa.b, wa.c, h, w}, store.options());
+  advise_huge_pages(out);
   APART_DISPATCH(store.scalar_type(), "omega_gather", [&] {
     const scalar_t* sp = store.const_data_ptr<scalar_t>();
     const int64_t* ip = index.const_data_ptr<int64_t>();

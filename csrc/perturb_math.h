@@ -27,10 +27,12 @@ APART_HD acc_t round_to(acc_t v) {
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
-// torch.clamp semantics: NaN passes through (both comparisons are false).
+// torch.clamp semantics: NaN passes through (both comparisons are false). Two selects in sequence
+// (equal to the nested form since lo <= hi) map to one max and one min instruction, vector or scalar.
 template <typename acc_t>
 APART_HD acc_t clamp(acc_t v, acc_t lo, acc_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
 }
 
 // The mask of clamp's backward. Whether an element exactly at a bound passes the gradient is
