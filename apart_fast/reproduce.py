@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import textwrap
@@ -78,16 +79,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--width", type=int, help="override the preset's model width")
+    p.add_argument("--eps", type=_fraction, help="override the preset's eps for training and evaluation (e.g. 16/255)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random N-image subset (0: all)")
     p.add_argument("--test-subset", type=int, help="final evaluations on a seeded random N-image test subset (0: all)")
     p.add_argument("--long-fgsm", action="store_true", help="add long FGSM (zero init) and APART runs and their figure")
     p.add_argument("--long-epochs", type=int, help="epochs of the --long-fgsm runs (default: the preset's)")
-    p.add_argument("--long-fgsm-step", type=float, default=1.25,
-                   help="the long FGSM step in units of eps (default 1.25, as FGSM-RS but from zero)")
+    p.add_argument("--long-fgsm-step", type=float, default=1.0,
+                   help="the long FGSM step in units of eps (default 1; from zero init any step >= 1 is the same run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="keep sub-runs in --out that already have results.json")
     p.add_argument("--force", action="store_true", help="run --preset paper even without a GPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _fraction(s: str) -> float:
+    """A float, also written as a fraction such as 8/255."""
+    try:
+        num, _, den = s.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -102,6 +113,8 @@ def command_line(args: argparse.Namespace) -> str:
         v = getattr(args, name)
         if v is not None and not (name == "device" and v == "auto"):
             parts += ["--" + name.replace("_", "-"), str(v)]
+    if args.eps is not None:
+        parts += ["--eps", f"{args.eps * 255:g}/255"]
     if args.long_fgsm:
         parts += ["--long-fgsm", "--long-fgsm-step", f"{args.long_fgsm_step:g}"]
     if args.seed:
@@ -120,7 +133,7 @@ def device_name(device: str) -> str:
     """A human-readable device description for the table and figures."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
@@ -264,31 +277,31 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_all(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> list[str]:
     """Write the figures; return their file names."""
-    names = []
-    fig, (ax,) = _figure()
-    for r in rows:
-        ax.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=LABELS.get(r["name"], r["name"]))
-    ax.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Robust accuracy per epoch")
-    ax.legend(fontsize=8)
-    _footer(fig, info)
-    _save(fig, out / "robust_acc.png")
-    names.append("robust_acc.png")
-
-    fig, (ax1, ax2) = _figure(2)
-    for r in rows:
-        if r["method"] == "clean":
-            continue
-        label = LABELS.get(r["name"], r["name"])
-        (line,) = ax1.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label)
-        ax2.plot(*_series(r, "probe_cosine"), marker="o", ms=3, label=label, color=line.get_color())
+    names: list[str] = []
     if rows:
+        fig, (ax,) = _figure()
+        for r in rows:
+            ax.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=LABELS.get(r["name"], r["name"]))
+        ax.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Robust accuracy per epoch")
+        ax.legend(fontsize=8)
+        _footer(fig, info)
+        _save(fig, out / "robust_acc.png")
+        names.append("robust_acc.png")
+
+        fig, (ax1, ax2) = _figure(2)
+        for r in rows:
+            if r["method"] == "clean":
+                continue
+            label = LABELS.get(r["name"], r["name"])
+            (line,) = ax1.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label)
+            ax2.plot(*_series(r, "probe_cosine"), marker="o", ms=3, label=label, color=line.get_color())
         ax1.plot(*_series(rows[0], "probe_noise_ratio"), ls=":", color="0.5", label="random sign noise")
-    ax1.set(xlabel="epoch", ylabel="loss gain / PGD-10's loss gain", title="Perturbation strength ratio")
-    ax2.set(xlabel="epoch", ylabel="cosine to PGD-10 perturbation", title="Perturbation direction")
-    ax1.legend(fontsize=8)
-    _footer(fig, info)
-    _save(fig, out / "strength_ratio.png")
-    names.append("strength_ratio.png")
+        ax1.set(xlabel="epoch", ylabel="loss gain / PGD-10's loss gain", title="Perturbation strength ratio")
+        ax2.set(xlabel="epoch", ylabel="cosine to PGD-10 perturbation", title="Perturbation direction")
+        ax1.legend(fontsize=8)
+        _footer(fig, info)
+        _save(fig, out / "strength_ratio.png")
+        names.append("strength_ratio.png")
 
     aparts = [r for r in rows + long_rows if r["method"] == "apart"]
     if aparts:
@@ -329,6 +342,10 @@ def run(args: argparse.Namespace) -> int:
     """Train every method of the preset, evaluate, write results.md, results.json and the figures."""
     t_start = time.perf_counter()
     preset = PRESETS[args.preset]
+    if args.eps is not None:
+        if not 0 < args.eps <= 1:
+            raise ConfigError(f"--eps {args.eps} is outside (0, 1]; images are in [0,1], e.g. 8/255")
+        preset = dataclasses.replace(preset, eps=args.eps)
     device = resolve_device(args.device)
     if preset.needs_gpu and not device.startswith("cuda") and not args.force:
         raise ConfigError(f"--preset {args.preset} needs a GPU (none found, device {device}); use --preset cpu, "

@@ -99,3 +99,11 @@ def test_apart_generator_lr_keeps_lr_times_steps():
     steps = 8 * (4000 // 128)
     assert cfg.apart.lr * steps == pytest.approx(ApartConfig().lr * SCRIPT_STEPS)
     assert cfg.model == "preact18" and cfg.width == 8 and cfg.eps == pytest.approx(8 / 255)
+
+
+def test_eps_override_accepts_fractions_and_round_trips():
+    args = build_parser().parse_args(["reproduce", "--preset", "cpu", "--eps", "16/255", "--long-fgsm"])
+    assert args.eps == pytest.approx(16 / 255)
+    cmd = command_line(args)
+    assert "--eps 16/255" in cmd
+    assert build_parser().parse_args(shlex.split(cmd)[1:]).eps == pytest.approx(16 / 255)
