@@ -30,6 +30,9 @@ def report() -> str:
             mod = dispatch.module(name)
             state += f" ({mod.__file__}; clamp gradient passes at a bound: {mod.clamp_grad_passes_at_bound()})"
         lines.append(f"  {name:<6}: {state}")
+    from apart_fast.ops import functions
+
+    lines.append(f"torch.library custom ops (used under torch.compile): {', '.join(functions.CUSTOM_OPS)}")
     override = os.environ.get(dispatch.ENV_VAR, "")
     lines.append(f"{dispatch.ENV_VAR}={override!r}" + (" (overrides auto)" if override else " (unset)"))
     lines.append(f"auto picks: CPU tensors -> {dispatch.auto_backend(torch.device('cpu'))}, "

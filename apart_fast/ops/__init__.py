@@ -5,6 +5,11 @@ PyTorch reference, and CPU tensors on the C++ extension if built, else the refer
 environment variable ``APART_FAST_BACKEND`` overrides it (see ``dispatch.py``; ``python -m
 apart_fast.info`` reports what is available). ``"torch"`` is the reference itself (``reference.py``)
 with PyTorch autograd. Non-contiguous inputs are made contiguous before a kernel sees them.
+
+The compiled backends are also registered as ``torch.library`` custom ops (``torch.ops.apart_fast.*``,
+see ``functions.py``): under ``torch.compile`` (and ``torch.export``) these functions call them, so a
+compiled graph keeps each fused op as one node, with its fake (shape) kernel and registered autograd;
+in eager mode they call the same kernels through ``autograd.Function``s, without a dispatcher round trip.
 """
 
 from __future__ import annotations
@@ -13,12 +18,18 @@ import torch
 from torch import Tensor
 
 from apart_fast.ops import dispatch as _dispatch
+from apart_fast.ops import functions as _fn
 from apart_fast.ops import reference
 from apart_fast.ops.functions import LayerPerturb, PerturbInit, SignStep
 
 
 def _c(t: Tensor) -> Tensor:
     return t.contiguous()
+
+
+def _compiling() -> bool:
+    """Whether torch.compile / torch.export is tracing this call (then the custom ops are used)."""
+    return torch.compiler.is_compiling()
 
 
 def perturb_init(x: Tensor, omega: Tensor, a_init: Tensor, eps: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -32,7 +43,9 @@ def perturb_init(x: Tensor, omega: Tensor, a_init: Tensor, eps: float, backend: 
     eps = _dispatch.check_eps("perturb_init", eps)
     if name == "torch":
         return reference.perturb_init(x, omega, a_init, eps)
-    return PerturbInit.apply(_c(x), _c(omega), a_init, eps, _dispatch.module(name))
+    if _compiling():
+        return _fn.perturb_init_op(x, omega, a_init, eps, name)
+    return PerturbInit.apply(_c(x), _c(omega), a_init, eps, name)
 
 
 def sign_step(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -46,7 +59,9 @@ def sign_step(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: s
     eps = _dispatch.check_eps("sign_step", eps)
     if name == "torch":
         return reference.sign_step(x, d, g, a, eps)
-    return SignStep.apply(_c(x), _c(d), _c(g).detach(), a, eps, _dispatch.module(name))
+    if _compiling():
+        return _fn.sign_step_op(x, d, g.detach(), a, eps, name)
+    return SignStep.apply(_c(x), _c(d), _c(g).detach(), a, eps, name)
 
 
 def pack_sign(g: Tensor, backend: str = "auto") -> Tensor:
@@ -56,6 +71,8 @@ def pack_sign(g: Tensor, backend: str = "auto") -> Tensor:
     with torch.no_grad():
         if name == "torch":
             return reference.pack_sign(g)
+        if _compiling():
+            return _fn.pack_sign_op(g, name)
         return _dispatch.module(name).pack_sign(_c(g))
 
 
@@ -71,7 +88,9 @@ def layer_perturb(h: Tensor, s: Tensor, a: Tensor, backend: str = "auto") -> Ten
     _dispatch.check_step("layer_perturb", "a", a, h)
     if name == "torch":
         return reference.layer_perturb(h, s, a)
-    return LayerPerturb.apply(_c(h), _c(s), a, _dispatch.module(name))
+    if _compiling():
+        return _fn.layer_perturb_op(h, s, a, name)
+    return LayerPerturb.apply(_c(h), _c(s), a, name)
 
 
 def _window_args(op: str, store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, batch: int | None = None):
@@ -106,6 +125,8 @@ def omega_gather(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, size:
         if name == "torch":
             return reference.omega_gather(store, index, crop, flip, (h, w))
         src = reference.first_position(index)
+        if _compiling():
+            return _fn.omega_gather_op(store, index, crop, flip, src, h, w, name)
         return _dispatch.module(name).omega_gather(_c(store), index, crop, flip, src, h, w)
 
 
@@ -141,6 +162,9 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
             acc = torch.float64 if store.dtype == torch.float64 else torch.float32
             ratio = torch.full((1,), float(ratio), dtype=acc, device=store.device)
         src = reference.first_position(index)
+        if _compiling():
+            _fn.omega_update_op(store, index, crop, flip, src, g, ratio, name)
+            return
         _dispatch.module(name).omega_update(store, index, crop, flip, src, _c(g), ratio.reshape(1).contiguous())
 
 
@@ -154,6 +178,8 @@ def pgd_step(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backe
     with torch.no_grad():
         if name == "torch":
             return reference.pgd_step(x_adv, x, g, float(step), eps)
+        if _compiling():
+            return _fn.pgd_step_op(x_adv, x, g, float(step), eps, name)
         return _dispatch.module(name).pgd_step(_c(x_adv), _c(x), _c(g), float(step), eps)
 
 

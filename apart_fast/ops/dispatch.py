@@ -63,6 +63,7 @@ def load(name: str) -> tuple[ModuleType | None, str]:
     return mod, ""
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, never traces the import
 def available(name: str) -> bool:
     """Whether the backend loads (``"torch"`` always does)."""
     return name == "torch" or load(name)[0] is not None
