@@ -4,9 +4,12 @@ Tolerance rule (flash-attention's): forward outputs and elementwise gradients mu
 reference bit for bit in every dtype (the kernels round where the reference does, and are given the
 same ``g``). Step-size gradients are sums: ours accumulates in fp32 (fp64), the reference in the data's
 dtype, so both are compared with an fp64 reference computed on the same (upcast) inputs, and ours
-must satisfy ``|ours - ref64| <= 2 * |ref_same_dtype - ref64| + atol`` with
+must satisfy ``|ours - ref64| <= 2 * max(|ref_same_dtype - ref64|, u_data * sum(|terms|)) + atol`` with
 ``atol = 8 * sqrt(n) * u_acc * sum(|terms|)`` (the random-walk bound of an n-term sum in
-accumulation precision u_acc, with headroom 8).
+accumulation precision u_acc, with headroom 8). The floor ``u_data * sum(|terms|)`` is the error the
+same-dtype reference is entitled to (its result is rounded to the data dtype, unit roundoff u_data):
+without it a same-dtype result that rounds close to the truth by chance would demand more of us than
+the dtype allows (hypothesis found such a bf16 case: the clamp masks of the rounded sums flip terms).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def grid(shape, dtype: torch.dtype, seed: int, values: list[float]) -> torch.Ten
     return torch.tensor(values, dtype=torch.float64)[idx].to(dtype)
 
 
+def data_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff of a storage dtype."""
+    return {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+
+
 def acc_unit(dtype: torch.dtype) -> float:
     return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
@@ -52,7 +60,7 @@ def assert_reduction(ours: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Te
     """The flash-attention rule for a step-size gradient (see the module docstring)."""
     atol = 8.0 * math.sqrt(max(n, 1)) * acc_unit(dtype) * abs_sum + 1e-30
     err = (ours.double() - ref64.double()).abs().max().item()
-    ref_err = (ref_same.double() - ref64.double()).abs().max().item()
+    ref_err = max((ref_same.double() - ref64.double()).abs().max().item(), data_unit(dtype) * abs_sum)
     assert err <= 2.0 * ref_err + atol, f"step-size gradient error {err:.3e} > 2 * {ref_err:.3e} + {atol:.3e}"
 
 
