@@ -3,7 +3,6 @@ nothing written (no output folder created). Also the library-level checks the CL
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,10 @@ TINY = ["--method", "clean", "--dataset", "synthetic", "--model", "smallcnn", "-
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No epoch probe (speed) and a private data cache (error tests must find nothing written)."""
     monkeypatch.setenv("APART_FAST_PROBE", "0")
     monkeypatch.setenv("APART_FAST_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from apart_fast.cli import main
 from apart_fast.data import load_dataset
 from apart_fast.engine.loop import train
 from apart_fast.experiments import demo_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow
