@@ -57,13 +57,19 @@ def scaled_generator_lr(steps: int) -> float:
     return 5e-8 * SCRIPT_STEPS / max(steps, 1)
 
 
+def short_run_apart(eps: float, steps: int) -> ApartConfig:
+    """APART's generator for a run far shorter than the script's 11,730 steps: the generator lr scaled so
+    lr x steps equals the script's, and the input and initialisation step sizes starting at eps/2
+    instead of 1e-4, so the short run is not spent growing them from nothing (the script's early
+    epochs are nearly clean training)."""
+    return ApartConfig(lr=scaled_generator_lr(steps), a_init=eps / 2, a_in=eps / 2)
+
+
 def demo_config(method: str, epochs: int, device: str, seed: int) -> Config:
     """The demo's settings on the digits data: eps 0.1 (8x8 digits need a larger budget than 8/255 to
-    show robustness) and a small CNN. APART is adapted to a run of ~150 steps instead of the script's
-    11,730: its generator lr is scaled so lr x steps equals the script's, and its step sizes start at
-    eps/2 instead of 1e-4, so the run is not spent growing them from nothing."""
+    show robustness), a small CNN, and APART adapted to the short run (``short_run_apart``)."""
     eps = 0.1
-    apart = ApartConfig(lr=scaled_generator_lr(epochs * (1437 // 128)), a_init=eps / 2, a_in=eps / 2)
+    apart = short_run_apart(eps, epochs * (1437 // 128))
     return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, eps=eps, eval_eps=eps,
                   eval_step=0.025, pgd_step=0.025, final_eval_steps=20, device=device, seed=seed, apart=apart,
                   free_replays=4)
