@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from apart_fast.config import ApartConfig
 from apart_fast.data import load_dataset
 from apart_fast.experiments import SCRIPT_STEPS
 from apart_fast.reproduce import PRESETS, command_line, method_config, subset
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +88,11 @@ def test_apart_generator_lr_keeps_lr_times_steps():
     steps = 8 * (4000 // 128)
     assert cfg.apart.lr * steps == pytest.approx(ApartConfig().lr * SCRIPT_STEPS)
     assert cfg.model == "preact18" and cfg.width == 8 and cfg.eps == pytest.approx(8 / 255)
+    assert cfg.apart.a_init == cfg.apart.a_in == pytest.approx(cfg.eps / 2)  # short-run start (cpu preset)
+    paper = method_config("apart", PRESETS["paper"], epochs=30, width=64, n_train=50000, device="cpu", seed=0,
+                          data_dir=None, out=None)
+    assert paper.apart.a_init == ApartConfig().a_init  # the script's start
+    assert paper.apart.lr == pytest.approx(ApartConfig().lr, rel=1e-2)  # 390 steps/epoch vs the script's 391
 
 
 def test_eps_override_accepts_fractions_and_round_trips():
