@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            args.given = _given_flags(build_parser(), argv)
+            args.given = _given_flags(argv)
             return _train(args)
         if args.command == "eval":
             return _eval(args)
@@ -162,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Destinations of the train options written on the command line (not left at their defaults)."""
-    given = set()
+def _given_flags(argv: list[str]) -> set[str]:
+    """Destinations of the train options written on the command line (not left at their defaults).
+
+    argparse itself decides, so abbreviations (``--epoch 5``) and ``--no-`` forms count: a parser
+    whose train options have no defaults sets only the ones that were given.
+    """
+    parser = build_parser()
     for action in parser.train_parser._actions:
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + "=") for a in argv):
-                given.add(action.dest)
-    return given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
 
 
 def _refuse_changed_settings(cfg: Config, given: set[str], out: str) -> None:

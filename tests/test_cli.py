@@ -184,6 +184,15 @@ def test_resume_refuses_a_changed_model_or_setting(trained, capsys):
     fails(["train", "--resume", str(trained), "--model", "preact18"], capsys,
           "--model preact18 differs from the run", "(smallcnn)", "only --epochs may grow")
     fails(["train", "--resume", str(trained), "--apart-lr", "0.1"], capsys, "--apart-lr 0.1 differs")
+    fails(["train", "--resume", str(trained), "--apart-omega=0.1"], capsys, "--apart-omega-std 0.1 differs")  # abbreviated
+
+
+def test_given_flags_are_the_ones_argparse_parsed() -> None:
+    from apart_fast.cli import _given_flags
+
+    assert _given_flags(["train"]) == set()
+    assert _given_flags(["train", "--epoch", "5", "--no-normalize", "--apart-a-in=0.1", "--resume", "x"]) == {
+        "epochs", "normalize", "apart_a_in", "resume"}
 
 
 def test_eval_refuses_a_checkpoint_of_another_model(trained, capsys):
