@@ -3,8 +3,6 @@
 Gradients come from PyTorch autograd on these formulas: ``clamp`` blocks the gradient outside its
 range, and at exactly a bound follows the installed PyTorch (2.14 passes none there with scalar
 bounds; older releases passed it), which the kernels detect once and match. ``sign(0) == 0``.
-A one-element step size acts as a 0-d tensor whatever its shape, so in fp16/bf16 it is cast to the
-data's dtype (PyTorch's promotion of a 0-d tensor) and a ``(1,)``-shaped one gives the same result.
 """
 
 from __future__ import annotations
@@ -13,21 +11,16 @@ import torch
 from torch import Tensor
 
 
-def _scalar(a: Tensor | float) -> Tensor | float:
-    """A one-element step-size tensor as 0-d (the type promotion the kernels follow); floats pass through."""
-    return a.reshape(()) if isinstance(a, Tensor) else a
-
-
 def perturb_init(x: Tensor, omega: Tensor, a_init: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """APART initialisation: ``d0 = clamp(a_init*omega, -eps, eps)``, ``x0 = clamp(x + d0, 0, 1)``."""
-    d0 = torch.clamp(_scalar(a_init) * omega, -eps, eps).to(x.dtype)
+    d0 = torch.clamp(a_init * omega, -eps, eps).to(x.dtype)
     x0 = torch.clamp(x + d0, 0.0, 1.0)
     return x0, d0
 
 
 def sign_step(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """One learnable sign step: ``d1 = clamp(d + a*sign(g), -eps, eps)``, ``x1 = clamp(x + d1, 0, 1)``."""
-    d1 = torch.clamp(d + _scalar(a) * torch.sign(g).to(d.dtype), -eps, eps).to(x.dtype)
+    d1 = torch.clamp(d + a * torch.sign(g).to(d.dtype), -eps, eps).to(x.dtype)
     x1 = torch.clamp(x + d1, 0.0, 1.0)
     return x1, d1
 
@@ -39,7 +32,7 @@ def pack_sign(g: Tensor) -> Tensor:
 
 def layer_perturb(h: Tensor, s: Tensor, a: Tensor) -> Tensor:
     """Layer-wise perturbation of pass 2: ``h + a * s`` with ``s`` the stored sign of pass 1."""
-    return h + (_scalar(a) * s.to(h.dtype)).to(h.dtype)
+    return h + (a * s.to(h.dtype)).to(h.dtype)
 
 
 def first_position(index: Tensor) -> Tensor:
@@ -83,7 +76,7 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
     size = (g.shape[-2], g.shape[-1])
     win = _window(store, index, crop, flip, size)
     omega = store[win]
-    new = torch.clamp(omega + _scalar(ratio) * torch.sign(g).to(store.dtype), -1.0, 1.0).to(store.dtype)
+    new = torch.clamp(omega + ratio * torch.sign(g).to(store.dtype), -1.0, 1.0).to(store.dtype)
     # Duplicates re-write their first occurrence's window with its value: every write to a
     # location then carries the same value, so the result does not depend on write order.
     src = first_position(index)

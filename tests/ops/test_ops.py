@@ -227,19 +227,6 @@ def test_one_element_step_sizes(backend: str) -> None:
     torch.testing.assert_close(ga, gar, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_one_element_step_sizes_every_dtype(backend: str, dtype) -> None:
-    """A (1,)-shaped step size gives the 0-d step size's results bit for bit (fp16/bf16 included)."""
-    shape = (2, 3, 5, 7)
-    x, omega, a, eps = _init_data("random", shape, dtype, seed=32)
-    go_x, go_d = randn(shape, dtype, 33, 0.0), randn(shape, dtype, 34, 0.0)
-    _check_init(backend, x, omega, a.reshape(1), eps, go_x, go_d)
-    x, d, g, a, eps = _step_data("random", shape, dtype, seed=35)
-    _check_step(backend, x, d, g, a.reshape(1), eps, go_x, go_d)
-    for a_ in (a, a.reshape(1)):  # the reference itself does not depend on the step size's shape
-        assert_exact(R.sign_step(x, d, g, a_, eps)[1], R.sign_step(x, d, g, a.reshape(()), eps)[1], "d1")
-
-
 def test_backward_deterministic(fused: str) -> None:
     """The same inputs give bit-identical step-size gradients (fixed chunking, no atomics)."""
     x, d, g = rand((8, 64, 32, 32), torch.float32, 40), rand((8, 64, 32, 32), torch.float32, 41, -EPS, EPS), \
