@@ -31,18 +31,23 @@ if TYPE_CHECKING:
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """BatchNorm layers normalise with batch statistics but leave their running statistics alone."""
+    """BatchNorm layers normalise with batch statistics but leave their running statistics alone.
+
+    In training mode a layer that does not track running statistics uses the batch's and writes no
+    buffer: neither the statistics nor ``num_batches_tracked`` (which a ``momentum=None`` layer
+    averages by), and a non-finite batch cannot reach them.
+    """
     saved = []
     if enabled:
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                saved.append((m, m.momentum))
-                m.momentum = 0.0
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+                saved.append(m)
+                m.track_running_stats = False
     try:
         yield
     finally:
-        for m, mom in saved:
-            m.momentum = mom
+        for m in saved:
+            m.track_running_stats = True
 
 
 class Apart(Method):

@@ -116,10 +116,12 @@ def test_freeze_bn_pass1_keeps_running_stats_through_pass1(images, make):
     apart = ApartConfig(a_init=0.01, a_in=0.01, a_layer=0.01, freeze_bn_pass1=True)
     method, loader = make("apart", x, y, apart=apart)
     bn = next(m for m in method.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    before = bn.running_mean.clone()
+    before = [b.clone() for b in bn.buffers()]
     method._pass1(next(iter(loader)))
-    assert torch.equal(bn.running_mean, before)
-    assert bn.momentum == 0.1
+    assert all(torch.equal(b, old) for b, old in zip(bn.buffers(), before))  # num_batches_tracked included
+    assert bn.momentum == 0.1 and bn.track_running_stats
+    method.step(next(iter(loader)))
+    assert not torch.equal(bn.running_mean, before[0])  # pass 2 still updates them
 
 
 def test_no_layer_perturb_ablation_and_missing_sites(images, make):
