@@ -106,6 +106,8 @@ class Apart(Method):
         with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1), self.precision.autocast():
             loss1 = F.cross_entropy(self.model(x0_leaf), y)
             hs = [s.recorded for s in self.sites]
+        for s in self.sites:
+            s.recorded = None  # only ``hs`` holds them: freed after the grad, not kept through pass 2
         # Input gradients only: no parameter gradient, so no cross-rank reduction either. Only their
         # signs are used; fp16 scales the loss so that small gradients do not underflow to sign 0.
         grads = torch.autograd.grad(self.precision.scaled(loss1), [x0_leaf, *hs])

@@ -124,6 +124,13 @@ def test_freeze_bn_pass1_keeps_running_stats_through_pass1(images, make):
     assert not torch.equal(bn.running_mean, before[0])  # pass 2 still updates them
 
 
+def test_pass1_drops_the_recorded_activations(images, make):
+    x, y = images
+    method, loader = make("apart", x, y)
+    method.perturb(next(iter(loader)))
+    assert method.sites and all(s.recorded is None for s in method.sites)
+
+
 def test_no_layer_perturb_ablation_and_missing_sites(images, make):
     x, y = images
     apart = ApartConfig(a_init=0.01, a_in=0.01, layer_perturb=False)
