@@ -296,7 +296,7 @@ class PerturbInit(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_x0: Tensor | None, grad_d0: Tensor | None):
+    def backward(ctx: FunctionCtx, grad_x0: Tensor | None, grad_d0: Tensor | None) -> tuple[Tensor | None, ...]:
         grad_x, grad_a = _init_backward(ctx.saved_tensors, ctx.eps, ctx.backend, grad_x0, grad_d0, op=False)
         return (
             grad_x,  # dL/dx = dL/dx0 * m_img
@@ -321,7 +321,7 @@ class SignStep(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_x1: Tensor | None, grad_d1: Tensor | None):
+    def backward(ctx: FunctionCtx, grad_x1: Tensor | None, grad_d1: Tensor | None) -> tuple[Tensor | None, ...]:
         grad_x, grad_d, grad_a = _step_backward(ctx.saved_tensors, ctx.eps, ctx.backend, grad_x1, grad_d1, op=False)
         return (
             grad_x,  # dL/dx = dL/dx1 * m_img
@@ -345,7 +345,7 @@ class LayerPerturb(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (s,) = ctx.saved_tensors
         grad_a = _layer_grad_a(grad_out, s, ctx.backend, ctx.a_dtype, ctx.a_shape, op=False) \
             if ctx.needs_input_grad[2] else None
