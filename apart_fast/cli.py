@@ -58,12 +58,12 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None
         elif f.type in ("int", "int | None"):
             p.add_argument(flag, dest=dest, type=int, default=default, help=help_)
         elif f.type in ("float", "float | None"):
-            p.add_argument(flag, dest=dest, type=_float, default=default, help=help_)
+            p.add_argument(flag, dest=dest, type=float_or_fraction, default=default, help=help_)
         else:
             p.add_argument(flag, dest=dest, default=default, choices=CHOICES.get(f.name), help=help_)
 
 
-def _float(s: str) -> float:
+def float_or_fraction(s: str) -> float:
     """A float, also written as a fraction such as 8/255."""
     try:
         if "/" in s:
@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits", choices=DATASETS)
     e.add_argument("--data-dir")
     e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
-    e.add_argument("--eps", type=_float, default=8 / 255)
-    e.add_argument("--step", type=_float, default=2 / 255)
+    e.add_argument("--eps", type=float_or_fraction, default=8 / 255)
+    e.add_argument("--step", type=float_or_fraction, default=2 / 255)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--restarts", type=int, default=1)
     e.add_argument("--loss", choices=("ce", "cw", "both"), default="both")

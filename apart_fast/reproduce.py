@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from apart_fast.cli import float_or_fraction
 from apart_fast.config import METHODS, ApartConfig, Config, ConfigError
 from apart_fast.data import ImageData, load_dataset
 from apart_fast.experiments import scaled_generator_lr, short_run_apart
@@ -83,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--width", type=int, help="override the preset's model width")
-    p.add_argument("--eps", type=_fraction, help="override the preset's eps for training and evaluation (e.g. 16/255)")
+    p.add_argument("--eps", type=float_or_fraction, help="override the preset's eps for training and evaluation (e.g. 16/255)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random N-image subset (0: all)")
     p.add_argument("--test-subset", type=int, help="final evaluations on a seeded random N-image test subset (0: all)")
     p.add_argument("--long-fgsm", action="store_true", help="add long FGSM (zero init) and APART runs and their figure")
@@ -94,15 +95,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="keep sub-runs in --out that already have results.json")
     p.add_argument("--force", action="store_true", help="run --preset paper even without a GPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _fraction(s: str) -> float:
-    """A float, also written as a fraction such as 8/255."""
-    try:
-        num, _, den = s.partition("/")
-        return float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
 def _pick(value: Any, default: Any) -> Any:
