@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """A bad setting; the message is one line naming the value and the fix."""
 
 
+def check_budget(flag: str, v: float) -> None:
+    """Raise ConfigError unless the L-inf budget ``v`` given as ``flag`` is in (0, 1] (images are in [0,1])."""
+    if not 0 < v <= 1:
+        raise ConfigError(f"{flag} {v} is outside (0, 1]; images are in [0,1], e.g. 8/255 = 0.0314")
+
+
 @dataclass
 class ApartConfig:
     """APART's generator; defaults are the authors' released script (see ../shared/APART.md).
@@ -102,9 +108,7 @@ class Config:
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         for name in ("eps", "eval_eps"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {v} is outside (0, 1]; images are in [0,1], e.g. 8/255 = 0.0314")
+            check_budget(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from apart_fast.attacks import evaluate
-from apart_fast.config import ApartConfig, Config, ConfigError
+from apart_fast.config import ApartConfig, Config, check_budget
 from apart_fast.data import load_dataset
 from apart_fast.engine.checkpoint import CheckpointError
 
@@ -23,8 +23,7 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
     from apart_fast import load_model
     from apart_fast.engine.loop import resolve_device
 
-    if not 0 < eps <= 1:
-        raise ConfigError(f"--eps {eps} is outside (0, 1]; images are in [0,1], e.g. 8/255 = 0.0314")
+    check_budget("--eps", eps)
     dev = resolve_device(device)
     net = load_model(path, map_location="cpu")
     name = net.config["name"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from apart_fast.cli import float_or_fraction
-from apart_fast.config import METHODS, ApartConfig, Config, ConfigError
+from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget
 from apart_fast.data import ImageData, load_dataset
 from apart_fast.experiments import scaled_generator_lr, short_run_apart
 
@@ -341,8 +341,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     preset = PRESETS[args.preset]
     if args.eps is not None:
-        if not 0 < args.eps <= 1:
-            raise ConfigError(f"--eps {args.eps} is outside (0, 1]; images are in [0,1], e.g. 8/255")
+        check_budget("--eps", args.eps)
         preset = dataclasses.replace(preset, eps=args.eps)
     device = resolve_device(args.device)
     if preset.needs_gpu and not device.startswith("cuda") and not args.force:
