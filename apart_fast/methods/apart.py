@@ -160,9 +160,7 @@ class Apart(Method):
         ok = self.finish_backward(loss2, self.update_grads(), [g_x1, ratio])
         self.step_ok = ok
         self._ascend(ok)
-        conditional_step(self.optimizer, ok)
-        self.precision.update(ok)
-        self.schedule.step()
+        self.update_model(ok)
         # Skipped: omega + (-0.0)*sign(0) == omega bit for bit (x + -0.0 == x for every x, -0.0 included).
         g_safe = torch.where(ok, g_x1, torch.zeros_like(g_x1))
         ratio_safe = torch.where(ok, ratio, torch.full_like(ratio, -0.0))

@@ -90,10 +90,15 @@ class Method:
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.scaled(loss).backward()
         self.step_ok = self.finish_backward(loss, grads_of(self.optimizer))
-        conditional_step(self.optimizer, self.step_ok)
-        self.precision.update(self.step_ok)
-        self.schedule.step()
+        self.update_model(self.step_ok)
         return self.metrics(loss, logits, y)
+
+    def update_model(self, ok: Tensor) -> None:
+        """The model optimizer's step, kept where ``ok`` and undone on the device otherwise; then the
+        fp16 loss scale and the lr/momentum schedule advance."""
+        conditional_step(self.optimizer, ok)
+        self.precision.update(ok)
+        self.schedule.step()
 
     def finish_backward(self, loss: Tensor, grads: list[Tensor], local: list[Tensor | None] | tuple = ()) -> Tensor:
         """After an update backward: unscale (fp16), average ``grads`` across ranks, and return the keep

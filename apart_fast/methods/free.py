@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apart_fast import ops
-from apart_fast.engine.faults import conditional_step, grads_of
+from apart_fast.engine.faults import grads_of
 from apart_fast.methods.base import Method
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ class Free(Method):
             faults = faults | self.step_fault
             delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
             self.delta = torch.where(ok, delta, self._delta_for(x))  # a faulty replay keeps the old perturbation
-            conditional_step(self.optimizer, ok)
-            self.precision.update(ok)
-            self.schedule.step()
+            self.update_model(ok)
             all_ok = all_ok & ok
             out = self.metrics(loss, logits, y)
         self.step_ok, self.step_fault = all_ok, faults
