@@ -35,20 +35,26 @@ def load_model(path: str, map_location: str = "cpu") -> nn.Module:
 
 
 def train(config: Any = None, *, model: nn.Module | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train with a ``Config`` (or keyword overrides of the defaults); returns results incl. the model.
+    """Train with a ``Config`` (or keyword overrides of its fields; ``config`` itself is left as it is);
+    returns results incl. the model.
 
     ``model``: your own model (float images in [0,1] -> logits) instead of ``config.model``; for
     APART mark each residual block's perturbed activation with ``apart_fast.models.PerturbSite``.
     Without a ``model.config`` attribute, model.pt holds its weights only (``load_model`` then asks
     you to rebuild the model and load them).
     """
-    from apart_fast.config import Config
+    import dataclasses
+
+    from apart_fast.config import Config, ConfigError
     from apart_fast.engine.loop import train as _train
 
     cfg = config if config is not None else Config()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return _train(cfg, model=model)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"train(): unknown setting {unknown[0]!r}; pass a field of apart_fast.config.Config "
+                          "(e.g. epochs, method, lr)")
+    return _train(dataclasses.replace(cfg, **overrides), model=model)
 
 
 __all__ = ["__version__", "load_model", "train"]

@@ -31,3 +31,13 @@ def test_user_residual_model_trains_with_apart(tmp_path):
     assert torch.equal(fresh.conv1.weight, model.conv1.weight)
     with pytest.raises(checkpoint.CheckpointError, match="user-defined model"):  # resume needs the model again
         apart_fast.engine.loop.train(Config(out=str(out), epochs=2), resume=True, progress=False)
+
+
+def test_train_overrides_leave_the_config_alone_and_refuse_unknown_names(tmp_path):
+    from apart_fast.config import ConfigError
+
+    cfg = Config(method="clean", dataset="synthetic", batch_size=64, epochs=1, eval_n=0, final_eval_steps=0)
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
+        apart_fast.train(cfg, epoch=3)  # a typo is an error, not a silently ignored attribute
+    res = apart_fast.train(cfg, out=str(tmp_path / "run"))
+    assert cfg.out is None and (tmp_path / "run" / "model.pt").is_file() and res["epochs"] == 1
