@@ -83,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``apart-fast`` parser: train, eval, demo and the extension subcommands."""
     parser = argparse.ArgumentParser(prog="apart-fast", description="APART adversarial training, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
 

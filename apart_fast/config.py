@@ -141,6 +141,7 @@ class Config:
         return self
 
     def to_dict(self) -> dict:
+        """Plain nested dict of every field (JSON- and checkpoint-safe); ``from_dict`` inverts it."""
         return dataclasses.asdict(self)
 
     @classmethod

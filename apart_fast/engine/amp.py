@@ -45,6 +45,7 @@ class LossScaler:
         self.interval = interval
 
     def scaled(self, loss: Tensor) -> Tensor:
+        """The loss times the current scale."""
         return loss * self.scale.to(loss.dtype)
 
     @torch.no_grad()
@@ -82,6 +83,7 @@ class Precision:
         self.scaler = LossScaler(self.device) if self.mode == "fp16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the run's dtype on its device; a no-op in fp32."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.cache)

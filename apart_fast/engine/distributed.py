@@ -73,6 +73,7 @@ class Comm:
 
     @property
     def distributed(self) -> bool:
+        """More than one process."""
         return self.world > 1
 
     @property
@@ -177,6 +178,7 @@ class Comm:
         return box[0]
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process)."""
         if self.distributed:
             dist.barrier()
 

@@ -88,10 +88,12 @@ class BufferGuard:
 
     @torch.no_grad()
     def snapshot(self) -> None:
+        """Copy every buffer (called before each step)."""
         self.saved = [b.clone() for b in self.buffers]
 
     @torch.no_grad()
     def restore_unless(self, ok: Tensor) -> None:
+        """Put the snapshot back where ``ok`` is False, on the device."""
         for b, old in zip(self.buffers, self.saved):
             b.copy_(torch.where(ok, b, old))
 
@@ -115,6 +117,7 @@ class FaultMonitor:
         self.pending += 1
 
     def full(self) -> bool:
+        """Whether ``window`` steps are pending, so ``read`` must run before the next ``record``."""
         return self.pending >= self.window
 
     def read(self) -> list[int]:
@@ -152,6 +155,7 @@ class StopSignals:
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
+        """Handle SIGINT/SIGTERM inside the block (main thread only), restoring the old handlers after."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -164,4 +168,5 @@ class StopSignals:
 
     @property
     def exit_code(self) -> int:
+        """The process exit code for the signal seen: 130 SIGINT, 143 SIGTERM, 128+N otherwise."""
         return EXIT_CODES.get(signal.Signals(self.signum), 128 + int(self.signum)) if self.signum else 130

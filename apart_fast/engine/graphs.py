@@ -46,6 +46,7 @@ class DeviceSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        """torch.optim.SGD's update with the bound lr and momentum tensors; ``closure`` is ignored."""
         if self.lr_t is None or self.momentum_t is None:
             raise RuntimeError("DeviceSGD.step before bind(lr, momentum); build a DeviceSchedule over it")
         for group in self.param_groups:
@@ -87,6 +88,7 @@ class DeviceSchedule:
         self.momentum.copy_(self.m_high - (self.m_high - self.m_low) * f)
 
     def step(self) -> None:
+        """Advance one iteration on the device and recompute lr and momentum in place."""
         self.t.add_(1.0)
         self._apply()
 

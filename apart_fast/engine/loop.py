@@ -219,6 +219,7 @@ class Run:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a full checkpoint (``state_dict``); refuses one of another model or a model.pt."""
         if state.get("kind") != "full":
             raise checkpoint.CheckpointError("resume needs checkpoint.pt (a full checkpoint), not model.pt")
         saved_cfg, cfg = state["model_config"], self.model_config

@@ -31,6 +31,7 @@ class CyclicSchedule:
                 group["momentum"] = self.m_high - (self.m_high - self.m_low) * f
 
     def step(self) -> None:
+        """Advance one iteration and set the next lr and momentum."""
         self.t += 1
         self._apply()
 

@@ -112,6 +112,7 @@ class Method:
 
     @staticmethod
     def metrics(loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """On-device sums for the running epoch metrics: loss times count, correct predictions, count."""
         n = y.numel()
         return {
             "loss": loss.detach() * n,
@@ -137,9 +138,11 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
+        """The method's own state for a checkpoint (the engine saves the model and its optimizer)."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``; called after ``attach``."""
         self.generator.set_state(state["generator"])
 
     def rank_state(self) -> dict:

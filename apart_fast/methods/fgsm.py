@@ -20,9 +20,11 @@ class FGSM(Method):
     passes = 2
 
     def start(self, x: Tensor) -> Tensor:
+        """The point the sign step starts from."""
         return x
 
     def step_size(self) -> float:
+        """Size of the sign step (image units)."""
         return self.cfg.fgsm_step if self.cfg.fgsm_step is not None else self.cfg.eps
 
     def perturb(self, batch: Batch) -> Tensor:
