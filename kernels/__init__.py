@@ -2,6 +2,8 @@
 
 Inputs are contiguous and on one device; step sizes (``a``, ``a_init``, ``ratio``) are one-element tensors read
 by pointer inside the kernels, so launches never sync with the host and can be captured in a CUDA graph.
+Their shape matters as in PyTorch's type promotion: a 0-d step size is rounded to fp16/bf16 data's dtype before
+it multiplies, a (1,) one is not (``_utils.step_dtype``); the kernels follow the reference for both.
 Importing this package imports Triton but never queries the GPU. Set ``TRITON_INTERPRET=1`` before the import
 to run the kernels on CPU tensors.
 """

@@ -38,6 +38,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
+def step_dtype(step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+    """``(PROD, ROUND_A)`` of ``step * data`` as PyTorch promotes it, for a step size tensor and data of ``data_dtype``.
+
+    A ``(1,)``-shaped step takes part in type promotion: the product is formed in ``promote(step, data)``, at
+    least fp32 (``PROD``). A 0-d step does not: PyTorch casts it to the data's dtype first, so the product,
+    and everything the reference forms from it, is a tensor of the data's dtype. The kernels then compute in
+    ``compute_dtype(data_dtype)`` and, for fp16/bf16 data (``ROUND_A``), round the step, the product (and
+    the clamp bounds) to the data's dtype where the reference does.
+    """
+    if step.dim() == 0:
+        return compute_dtype(data_dtype), data_dtype in (torch.float16, torch.bfloat16)
+    return compute_dtype(step.dtype, data_dtype), False
+
+
 @functools.lru_cache(maxsize=256)
 def split_scalar(value: float) -> tuple[float, float, float]:
     """Split a python float into three fp32-exact parts whose fp64 sum is ``value`` exactly.

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import BLOCK_SIZE, NUM_WARPS, clamp, compute_dtype, sign_of, tl_dtype
+from ._utils import BLOCK_SIZE, NUM_WARPS, clamp, sign_of, step_dtype, tl_dtype
 
 
 @triton.jit
@@ -89,7 +89,8 @@ def _omega_update_fwd_kernel(
     W,
     Hp,
     Wp,
-    PROD: tl.constexpr,  # dtype of omega + ratio*sign(g) in the reference (promotion of store and ratio)
+    PROD: tl.constexpr,  # arithmetic dtype of omega + ratio*sign(g) in the reference (see _utils.step_dtype)
+    ROUND_A: tl.constexpr,  # 0-d ratio, fp16/bf16 store: ratio and omega + ratio*sign(g) are the store's dtype
     BLOCK_ROWS: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -102,10 +103,17 @@ def _omega_update_fwd_kernel(
     # also is its only reader, so there is no race and the result equals the reference's.
     first = tl.load(src_ptr + b, mask=row_mask, other=-1).to(tl.int64) == b
     mask = mask & first[:, None]
-    ratio = tl.load(ratio_ptr).to(PROD)
+    sdt = store_ptr.dtype.element_ty
+    ratio = tl.load(ratio_ptr)
+    if ROUND_A:
+        ratio = ratio.to(sdt)
+    ratio = ratio.to(PROD)
     omega = tl.load(store_ptr + store_offs, mask=mask, other=0.0).to(PROD)
     s = sign_of(tl.load(g_ptr + frame_offs, mask=mask, other=0.0), PROD)
-    new = clamp(omega + ratio * s, -1.0, 1.0)
+    v = omega + ratio * s
+    if ROUND_A:
+        v = v.to(sdt).to(PROD)  # +-1 are exact in sdt: rounding before the clamp equals rounding after it
+    new = clamp(v, -1.0, 1.0)
     tl.store(store_ptr + store_offs, new.to(store_ptr.dtype.element_ty), mask=mask)
 
 
@@ -172,6 +180,7 @@ def omega_update(
     if g.numel() == 0:
         return
     block_rows, block_w, grid = _tiles(n_rows, W)
+    prod, round_a = step_dtype(ratio, store.dtype)
     _omega_update_fwd_kernel[grid](
         store,
         index,
@@ -186,7 +195,8 @@ def omega_update(
         W,
         store.shape[2],
         store.shape[3],
-        PROD=tl_dtype(compute_dtype(store.dtype, ratio.dtype)),
+        PROD=tl_dtype(prod),
+        ROUND_A=round_a,
         BLOCK_ROWS=block_rows,
         BLOCK_W=block_w,
         num_warps=NUM_WARPS,

@@ -22,6 +22,7 @@ from ._utils import (
     inside,
     num_programs,
     split_scalar,
+    step_dtype,
     sum_partials,
     tl_dtype,
     wide_scalar,
@@ -40,17 +41,26 @@ def _perturb_init_fwd_kernel(
     eps_mid,
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
-    PROD: tl.constexpr,  # dtype of a_init*omega in the reference (promotion of both, at least fp32)
+    PROD: tl.constexpr,  # arithmetic dtype of a_init*omega in the reference (see _utils.step_dtype)
+    ROUND_A: tl.constexpr,  # 0-d a_init, fp16/bf16 omega: a_init, a_init*omega and eps are omega's dtype
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    a = tl.load(a_init_ptr).to(PROD)
+    odt = omega_ptr.dtype.element_ty
+    a = tl.load(a_init_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(odt)
+        eps = eps.to(odt).to(PROD)
+    a = a.to(PROD)
     omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    d0 = clamp(a * omega, -eps, eps).to(x0_ptr.dtype.element_ty)
+    v = a * omega
+    if ROUND_A:
+        v = v.to(odt).to(PROD)
+    d0 = clamp(v, -eps, eps).to(x0_ptr.dtype.element_ty)
     x0 = clamp(x + d0.to(COMPUTE), 0.0, 1.0)
     tl.store(d0_ptr + offs, d0, mask=mask)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -73,17 +83,25 @@ def _perturb_init_bwd_kernel(
     BOUND_PASSES: tl.constexpr,  # clamp's gradient passes at exactly its bound (PyTorch-version dependent)
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
+    ROUND_A: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
-    a = tl.load(a_init_ptr).to(PROD)
+    odt = omega_ptr.dtype.element_ty
+    a = tl.load(a_init_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(odt)
+        eps = eps.to(odt).to(PROD)
+    a = a.to(PROD)
     omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     v = a * omega
+    if ROUND_A:
+        v = v.to(odt).to(PROD)
     m_eps0 = inside(v, -eps, eps, BOUND_PASSES)
     d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.
@@ -100,13 +118,16 @@ def _perturb_init_bwd_kernel(
 
 
 def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0, d0)`` in x's dtype; ``omega`` may have another dtype, ``a_init`` is a one-element tensor."""
+    """``(x0, d0)`` in x's dtype; ``omega`` may have another dtype, ``a_init`` is a one-element tensor.
+
+    A 0-d ``a_init`` rounds like the reference's (cast to omega's dtype before the product), a (1,) one does not.
+    """
     x0 = torch.empty_like(x)
     d0 = torch.empty_like(x)
     n = x.numel()
     if n == 0:
         return x0, d0
-    prod = compute_dtype(a_init.dtype, omega.dtype)
+    prod, round_a = step_dtype(a_init, omega.dtype)
     _perturb_init_fwd_kernel[(num_programs(n),)](
         x,
         omega,
@@ -117,6 +138,7 @@ def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor,
         *split_scalar(float(eps)),
         COMPUTE=tl_dtype(compute_dtype(x.dtype)),
         PROD=tl_dtype(prod),
+            ROUND_A=round_a,
         BLOCK_SIZE=BLOCK_SIZE,
         num_warps=NUM_WARPS,
     )
@@ -134,7 +156,7 @@ def perturb_init_bwd(
     """``(grad_x, grad_a_init)``: ``grad_x`` in x's dtype, ``grad_a_init`` shaped and typed like ``a_init``."""
     grad_x = torch.empty_like(x)
     n = x.numel()
-    prod = compute_dtype(a_init.dtype, omega.dtype)
+    prod, round_a = step_dtype(a_init, omega.dtype)
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
@@ -152,6 +174,7 @@ def perturb_init_bwd(
             HAS_GRAD_D=grad_d0 is not None,
             COMPUTE=tl_dtype(compute_dtype(x.dtype)),
             PROD=tl_dtype(prod),
+            ROUND_A=round_a,
             BLOCK_SIZE=BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )

@@ -20,6 +20,7 @@ from ._utils import (
     num_programs,
     sign_of,
     split_scalar,
+    step_dtype,
     sum_partials,
     tl_dtype,
     wide_scalar,
@@ -39,19 +40,28 @@ def _sign_step_fwd_kernel(
     eps_mid,
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
-    PROD: tl.constexpr,  # dtype of d + a*sign(g) in the reference (promotion of d and a, at least fp32)
+    PROD: tl.constexpr,  # arithmetic dtype of d + a*sign(g) in the reference (see _utils.step_dtype)
+    ROUND_A: tl.constexpr,  # 0-d a, fp16/bf16 d: a, a*sign(g), d + a*sign(g) and eps are d's dtype
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = x1_ptr.dtype.element_ty
-    a = tl.load(a_ptr).to(PROD)
+    ddt = d_ptr.dtype.element_ty
+    a = tl.load(a_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(ddt)
+        eps = eps.to(ddt).to(PROD)
+    a = a.to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
     s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
-    d1 = clamp(d + a * s, -eps, eps).to(dtype)
+    v = d + a * s  # a*s is exact (s in -1, 0, 1), so only the sum needs rounding
+    if ROUND_A:
+        v = v.to(ddt).to(PROD)
+    d1 = clamp(v, -eps, eps).to(dtype)
     x1 = clamp(x + d1.to(COMPUTE), 0.0, 1.0)
     tl.store(d1_ptr + offs, d1, mask=mask)
     tl.store(x1_ptr + offs, x1.to(dtype), mask=mask)
@@ -76,18 +86,26 @@ def _sign_step_bwd_kernel(
     BOUND_PASSES: tl.constexpr,  # clamp's gradient passes at exactly its bound (PyTorch-version dependent)
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
+    ROUND_A: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
-    a = tl.load(a_ptr).to(PROD)
+    ddt = d_ptr.dtype.element_ty
+    a = tl.load(a_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(ddt)
+        eps = eps.to(ddt).to(PROD)
+    a = a.to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
     s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
     v = d + a * s
+    if ROUND_A:
+        v = v.to(ddt).to(PROD)
     m_eps1 = inside(v, -eps, eps, BOUND_PASSES)
     d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.
@@ -111,6 +129,7 @@ def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Te
     n = x.numel()
     if n == 0:
         return x1, d1
+    prod, round_a = step_dtype(a, d.dtype)
     _sign_step_fwd_kernel[(num_programs(n),)](
         x,
         d,
@@ -121,7 +140,8 @@ def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Te
         n,
         *split_scalar(float(eps)),
         COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-        PROD=tl_dtype(compute_dtype(d.dtype, a.dtype)),
+        PROD=tl_dtype(prod),
+        ROUND_A=round_a,
         BLOCK_SIZE=BLOCK_SIZE,
         num_warps=NUM_WARPS,
     )
@@ -141,7 +161,7 @@ def sign_step_bwd(
     grad_x = torch.empty_like(x)
     grad_d = torch.empty_like(d)
     n = x.numel()
-    prod = compute_dtype(d.dtype, a.dtype)
+    prod, round_a = step_dtype(a, d.dtype)
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
@@ -161,6 +181,7 @@ def sign_step_bwd(
             HAS_GRAD_D=grad_d1 is not None,
             COMPUTE=tl_dtype(compute_dtype(x.dtype)),
             PROD=tl_dtype(prod),
+            ROUND_A=round_a,
             BLOCK_SIZE=BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )

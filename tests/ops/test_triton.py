@@ -72,6 +72,13 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=[(), (1,)], ids=["a0d", "a1"])
+def step_shape(request) -> tuple[int, ...]:
+    """Shape of the step sizes: 0-d (the trainer's; PyTorch casts it to the data's dtype before multiplying, so
+    fp16/bf16 products round) or (1,) (takes part in type promotion: products in fp32)."""
+    return request.param
+
+
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request, device) -> torch.dtype:
     if request.param == torch.bfloat16 and device == "cpu":
@@ -120,8 +127,8 @@ def _assert_sum_close(got: torch.Tensor, terms: torch.Tensor, acc: torch.dtype) 
     assert abs(got.double().item() - exact) <= bound, (got.item(), exact, bound)
 
 
-def _a(value: float, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor([value], dtype=dtype, device=device)
+def _a(value: float, device: str, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (1,)) -> torch.Tensor:
+    return torch.tensor([value], dtype=dtype, device=device).reshape(shape)
 
 
 def _mask(status: str, device: str) -> torch.Tensor:
@@ -137,8 +144,15 @@ def test_bound_convention_matches_pytorch():
 
 
 def _per_element(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``a`` repeated per element, as a leaf: its gradient holds the terms whose sum is ``dL/da``."""
-    return a.detach().expand(like.shape).clone().requires_grad_()
+    """``a`` repeated per element, as a leaf: its gradient holds the terms whose sum is ``dL/da``.
+
+    A 0-d ``a`` is first cast to ``like``'s dtype, as PyTorch's type promotion does in ``a * like``, so the
+    leaf's products round exactly as the reference's with the 0-d ``a`` itself (checked by the callers).
+    """
+    a = a.detach()
+    if a.dim() == 0:
+        a = a.to(torch.result_type(a, like))
+    return a.expand(like.shape).clone().requires_grad_()
 
 
 # ----------------------------------------------------------------------------------------------- perturb_init
@@ -159,12 +173,16 @@ def _ref_perturb_init(x, omega, a, eps, gx0, gd0):
         outs.append(d0)
         grads.append(gd0)
     torch.autograd.backward(outs, grads)
+    # the per-element leaf computes what the reference computes with ``a`` itself
+    torch.testing.assert_close((x0, d0), R.perturb_init(x, omega, a, eps), rtol=0, atol=0)
     return x0.detach(), d0.detach(), xr.grad, af.grad
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_perturb_init_fwd(device, dtype, n):
-    x, omega, a = _image(n, dtype, device, 0), _omega(n, device, 1), _a(0.05, device)  # |a*omega| up to 0.05 > eps
+@pytest.mark.parametrize("omega_like_x", [False, True], ids=["omega_f32", "omega_like_x"])
+def test_perturb_init_fwd(device, dtype, n, step_shape, omega_like_x):
+    omega = _omega(n, device, 1, dtype if omega_like_x else torch.float32)
+    x, a = _image(n, dtype, device, 0), _a(0.05, device, shape=step_shape)  # |a*omega| up to 0.05 > eps
     x0, d0 = K.perturb_init_fwd(x, omega, a, EPS)
     rx0, rd0 = R.perturb_init(x, omega, a, EPS)
     assert x0.dtype == d0.dtype == dtype
@@ -174,8 +192,10 @@ def test_perturb_init_fwd(device, dtype, n):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("with_grad_d", [True, False])
-def test_perturb_init_bwd(device, dtype, n, with_grad_d):
-    x, omega, a = _image(n, dtype, device, 2), _omega(n, device, 3), _a(0.05, device)
+@pytest.mark.parametrize("omega_like_x", [False, True], ids=["omega_f32", "omega_like_x"])
+def test_perturb_init_bwd(device, dtype, n, with_grad_d, step_shape, omega_like_x):
+    omega = _omega(n, device, 3, dtype if omega_like_x else torch.float32)
+    x, a = _image(n, dtype, device, 2), _a(0.05, device, shape=step_shape)
     gx0 = _grad(n, dtype, device, 4)
     gd0 = _grad(n, dtype, device, 5) if with_grad_d else None
     grad_x, grad_a = K.perturb_init_bwd(gx0, gd0, x, omega, a, EPS)
@@ -222,12 +242,15 @@ def _ref_sign_step(x, d, g, a, eps, gx1, gd1):
         outs.append(d1)
         grads.append(gd1)
     torch.autograd.backward(outs, grads)
+    # the per-element leaf computes what the reference computes with ``a`` itself
+    torch.testing.assert_close((x1, d1), R.sign_step(x, d, g, a, eps), rtol=0, atol=0)
     return x1.detach(), d1.detach(), xr.grad, dr.grad, af.grad
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_sign_step_fwd(device, dtype, n):
-    x, d, g, a = _image(n, dtype, device, 10), _delta(n, dtype, device, 11), _grad(n, dtype, device, 12), _a(0.01, device)
+def test_sign_step_fwd(device, dtype, n, step_shape):
+    x, d, g = _image(n, dtype, device, 10), _delta(n, dtype, device, 11), _grad(n, dtype, device, 12)
+    a = _a(0.01, device, shape=step_shape)
     x1, d1 = K.sign_step_fwd(x, d, g, a, EPS)
     rx1, rd1 = R.sign_step(x, d, g, a, EPS)
     assert x1.dtype == d1.dtype == dtype
@@ -237,8 +260,9 @@ def test_sign_step_fwd(device, dtype, n):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("with_grad_d", [True, False])
-def test_sign_step_bwd(device, dtype, n, with_grad_d):
-    x, d, g, a = _image(n, dtype, device, 13), _delta(n, dtype, device, 14), _grad(n, dtype, device, 15), _a(0.01, device)
+def test_sign_step_bwd(device, dtype, n, with_grad_d, step_shape):
+    x, d, g = _image(n, dtype, device, 13), _delta(n, dtype, device, 14), _grad(n, dtype, device, 15)
+    a = _a(0.01, device, shape=step_shape)
     gx1 = _grad(n, dtype, device, 16)
     gd1 = _grad(n, dtype, device, 17) if with_grad_d else None
     grad_x, grad_d, grad_a = K.sign_step_bwd(gx1, gd1, x, d, g, a, EPS)
@@ -269,17 +293,18 @@ def test_sign_step_bounds(device, dtype):
 
 
 @pytest.mark.parametrize("a_dtype", [torch.float64])
-def test_step_sizes_in_float64(device, a_dtype):
-    """fp64 step sizes with fp32 data: the reference promotes a*omega and d + a*s to fp64, and so do the kernels."""
+def test_step_sizes_in_float64(device, a_dtype, step_shape):
+    """fp64 step sizes with fp32 data: the reference promotes a*omega and d + a*s to fp64 for a (1,) step size
+    (and computes them in fp32 for a 0-d one), and so do the kernels."""
     n = 1023
     x, d, g = _image(n, torch.float32, device, 20), _delta(n, torch.float32, device, 21), _grad(n, torch.float32, device, 22)
-    omega, a = _omega(n, device, 23), _a(0.05, device, a_dtype)
+    omega, a = _omega(n, device, 23), _a(0.05, device, a_dtype, step_shape)
     gx, gd = _grad(n, torch.float32, device, 24), _grad(n, torch.float32, device, 25)
     rx0, rd0, ref_gx, terms = _ref_perturb_init(x, omega, a, EPS, gx, gd)
     x0, d0 = K.perturb_init_fwd(x, omega, a, EPS)
     grad_x, grad_a = K.perturb_init_bwd(gx, gd, x, omega, a, EPS)
     torch.testing.assert_close((x0, d0, grad_x), (rx0, rd0, ref_gx), rtol=0, atol=0)
-    assert grad_a.dtype == a_dtype
+    assert grad_a.dtype == a_dtype and grad_a.shape == a.shape
     _assert_sum_close(grad_a, terms, torch.float64)
     rx1, rd1, ref_gx, ref_gd, terms = _ref_sign_step(x, d, g, a, EPS, gx, gd)
     x1, d1 = K.sign_step_fwd(x, d, g, a, EPS)
@@ -302,11 +327,11 @@ def test_pack_sign(device, dtype, n):
 
 
 @pytest.mark.parametrize("shape", [(1,), (1, 3, 11, 31), (2, 5, 410)])
-def test_layer_perturb(device, dtype, shape):
+def test_layer_perturb(device, dtype, shape, step_shape):
     n = math.prod(shape)
     h = _grad(n, dtype, device, 31).reshape(shape)
     s = R.pack_sign(_grad(n, dtype, device, 32)).reshape(shape)
-    a = _a(0.0371, device)
+    a = _a(0.0371, device, shape=step_shape)  # a 0-d a rounds a*s to h's dtype first: the same value, s is +-1 or 0
     torch.testing.assert_close(K.layer_perturb_fwd(h, s, a), R.layer_perturb(h, s, a), rtol=0, atol=0)
     grad_out = _grad(n, dtype, device, 33).reshape(shape)
     af = _per_element(a, h)
@@ -346,9 +371,11 @@ def test_omega_gather(device, dtype, batch, w):
 
 @pytest.mark.parametrize("batch,w", [(1, 7), (6, 7), (5, 40)])
 @pytest.mark.parametrize("ratio_dtype", [torch.float32, torch.float64])
-def test_omega_update(device, dtype, batch, w, ratio_dtype):
+@pytest.mark.parametrize("ratio_value", [0.25, 0.1])
+def test_omega_update(device, dtype, batch, w, ratio_dtype, ratio_value, step_shape):
     store, index, crop, flip, grad, h, w = _omega_case(device, dtype, batch, w, 50 + batch)
-    ratio = _a(0.25, device, ratio_dtype)  # large enough to push stored values past +-1
+    # 0.25 pushes stored values past +-1; 0.1 is not exact in fp16/bf16 (a 0-d ratio is rounded to the store's dtype)
+    ratio = _a(ratio_value, device, ratio_dtype, step_shape)
     ref = store.clone()
     R.omega_update(ref, index, crop, flip, grad, ratio)
     K.omega_update(store, index, crop, flip, R.first_position(index), grad, ratio)
