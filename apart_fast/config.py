@@ -119,7 +119,7 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; pass a value >= 0")
         if self.fgsm_step is not None and self.fgsm_step <= 0:
-            raise ConfigError(f"--fgsm-step {self.fgsm_step} must be positive")
+            raise ConfigError(f"--fgsm-step {self.fgsm_step} must be positive; pass a step > 0 or leave it unset (the default)")
         a = self.apart
         for name in ("a_init", "a_in", "a_layer", "omega_std", "lr", "weight_decay"):
             if getattr(a, name) < 0:

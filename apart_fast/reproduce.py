@@ -136,14 +136,15 @@ def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) 
     """``data`` restricted to seeded random subsets of its splits (None or 0: the whole split)."""
     g = torch.Generator().manual_seed(seed + 17)
 
-    def pick(n_all: int, n: int | None) -> torch.Tensor | None:
+    def pick(n_all: int, n: int | None, flag: str) -> torch.Tensor | None:
         if not n or n >= n_all:
             return None
         if n < 1:
-            raise ConfigError(f"subset size {n} must be positive")
+            raise ConfigError(f"{flag} {n} is negative; pass a positive size, or 0 for the whole split")
         return torch.randperm(n_all, generator=g)[:n].sort().values
 
-    tr, te = pick(int(data.train_x.shape[0]), n_train), pick(int(data.test_x.shape[0]), n_test)
+    tr = pick(int(data.train_x.shape[0]), n_train, "--train-subset")
+    te = pick(int(data.test_x.shape[0]), n_test, "--test-subset")
     out = data
     if tr is not None:
         out = dataclasses.replace(out, train_x=data.train_x[tr].contiguous(), train_y=data.train_y[tr].contiguous())

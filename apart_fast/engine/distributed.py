@@ -205,7 +205,7 @@ class ShardLoader(DeviceLoader):
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by the {world} processes; "
                               f"pass a multiple of {world}")
         if self.ragged != "drop":
-            raise ConfigError("ShardLoader needs ragged='drop' (every rank trains on an equal slice)")
+            raise ConfigError(f"ShardLoader got ragged={self.ragged!r}; pass ragged='drop' (every rank trains on an equal slice)")
         self.rank, self.world = rank, world
         self.local_batch = self.batch_size // world
 
