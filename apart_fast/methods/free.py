@@ -70,8 +70,12 @@ class Free(Method):
     def load_rank_state(self, state: dict | None) -> None:
         super().load_rank_state(state)
         if state is not None:
-            self.delta = state["delta"]  # a different per-rank batch size resets it (``_delta_for``)
+            self._load_delta(state["delta"])  # a different per-rank batch size resets it (``_delta_for``)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.delta = state["delta"]
+        self._load_delta(state["delta"])
+
+    def _load_delta(self, delta: Tensor | None) -> None:
+        """The saved perturbation on this run's device (checkpoints are read onto the CPU)."""
+        self.delta = None if delta is None else delta.to(self.device)

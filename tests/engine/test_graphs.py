@@ -110,3 +110,13 @@ def test_steady_state_step_never_syncs(tmp_path, amp):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert float(sums["n"]) == 3 * 64
+
+
+@gpu
+@pytest.mark.gpu
+def test_free_resumes_on_the_gpu(tmp_path):
+    """Checkpoints are read onto the CPU: Free's carried perturbation must come back on the run's device."""
+    out = tmp_path / "run"
+    train(tiny("free", out, device="cuda", free_replays=2, epochs=2), progress=False)
+    train(tiny("free", out, device="cuda", free_replays=2, epochs=4), resume=True, progress=False)
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 2
