@@ -165,7 +165,7 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
         if _compiling():
             _fn.omega_update_op(store, index, crop, flip, src, g, ratio, name)
             return
-        _dispatch.module(name).omega_update(store, index, crop, flip, src, _c(g), ratio.reshape(1).contiguous())
+        _dispatch.module(name).omega_update(store, index, crop, flip, src, _c(g), ratio.contiguous())
 
 
 def pgd_step(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backend: str = "auto") -> Tensor:

@@ -30,8 +30,10 @@ NAMESPACE = "apart_fast"
 
 
 def _as_step(a: Tensor) -> Tensor:
-    """A one-element step size as the (1,)-shaped contiguous tensor the primitives take (a view)."""
-    return a.reshape(1).contiguous()
+    """A one-element step size, contiguous and with its shape kept: in fp16/bf16 the reference rounds a
+    0-d step size to the data dtype (type promotion) but computes with a (1,)-shaped one in fp32, and
+    the kernels follow whichever they are given."""
+    return a.contiguous()
 
 
 def _like_step(grad: Tensor, a: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
-"""Backends and fixtures of the op tests (helpers and the tolerance rule: ops_testutil.py).
+"""Fixtures of the op tests (helpers, backend lists and the tolerance rule: ops_testutil.py).
 
-``BACKENDS_CPU`` lists the available backends among torch/cpp that run CPU tensors; the Triton tests
+``BACKENDS_CPU`` (in ops_testutil, importable by name: every test folder has its own conftest) lists
+the available backends among torch/cpp that run CPU tensors; the Triton tests
 (test_triton*.py) may append "triton" here when they run it on CPU tensors under TRITON_INTERPRET=1.
 The ``backend`` fixture runs a test once per entry; ``fused`` once per compiled CPU backend.
 """
@@ -8,11 +9,7 @@ The ``backend`` fixture runs a test once per entry; ``fused`` once per compiled 
 from __future__ import annotations
 
 import pytest
-
-from apart_fast.ops import dispatch
-
-BACKENDS_CPU: list[str] = ["torch"] + (["cpp"] if dispatch.available("cpp") else [])
-FUSED_CPU: list[str] = [b for b in BACKENDS_CPU if b != "torch"]
+from ops_testutil import BACKENDS_CPU, FUSED_CPU
 
 
 @pytest.fixture(params=BACKENDS_CPU)

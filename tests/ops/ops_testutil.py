@@ -18,6 +18,10 @@ import math
 
 import torch
 
+from apart_fast.ops import dispatch
+
+BACKENDS_CPU: list[str] = ["torch"] + (["cpp"] if dispatch.available("cpp") else [])
+FUSED_CPU: list[str] = [b for b in BACKENDS_CPU if b != "torch"]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Sizes of 1, 1023 and 4100 elements (batch 1 for the first two).
 SHAPES = [(1, 1, 1, 1), (1, 3, 11, 31), (4, 1, 25, 41)]

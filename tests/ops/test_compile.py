@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS_CPU, FUSED_CPU
-from ops_testutil import assert_exact
+from ops_testutil import BACKENDS_CPU, FUSED_CPU, assert_exact
 
 from apart_fast import ops
 from apart_fast.ops import functions

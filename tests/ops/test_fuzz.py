@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from conftest import BACKENDS_CPU
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops_testutil import assert_exact, assert_reduction
+from ops_testutil import BACKENDS_CPU, assert_exact, assert_reduction
 
 from apart_fast import ops
 from apart_fast.ops import reference as R
