@@ -64,14 +64,17 @@ def short_run_apart(eps: float, steps: int) -> ApartConfig:
     return ApartConfig(lr=scaled_generator_lr(steps), a_init=eps / 2, a_in=eps / 2)
 
 
-def demo_config(method: str, epochs: int, device: str, seed: int) -> Config:
+def demo_config(method: str, epochs: int, device: str, seed: int, n_train: int | None = None) -> Config:
     """The demo's settings on the digits data: eps 0.1 (8x8 digits need a larger budget than 8/255 to
-    show robustness), a small CNN, and APART adapted to the short run (``short_run_apart``)."""
-    eps = 0.1
-    apart = short_run_apart(eps, epochs * (1437 // 128))
-    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, eps=eps, eval_eps=eps,
-                  eval_step=0.025, pgd_step=0.025, final_eval_steps=20, device=device, seed=seed, apart=apart,
-                  free_replays=4)
+    show robustness), a small CNN, and APART adapted to the short run (``short_run_apart``).
+    ``n_train``: the digits training split's size (loaded when not given), for the run's step count."""
+    eps, batch_size = 0.1, 128
+    if n_train is None:
+        n_train = int(load_dataset("digits", seed=seed).train_x.shape[0])
+    apart = short_run_apart(eps, epochs * (n_train // batch_size))
+    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, batch_size=batch_size, eps=eps,
+                  eval_eps=eps, eval_step=0.025, pgd_step=0.025, final_eval_steps=20, device=device, seed=seed,
+                  apart=apart, free_replays=4)
 
 
 def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 0,
@@ -82,7 +85,7 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
     data = load_dataset("digits", seed=seed)
     rows = []
     for m in methods:
-        cfg = demo_config(m, epochs, device, seed)
+        cfg = demo_config(m, epochs, device, seed, n_train=int(data.train_x.shape[0]))
         if out is not None:
             cfg.out = os.path.join(out, m)
         res = train(cfg, overwrite=True, progress=True, data=data)
