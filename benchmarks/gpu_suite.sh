@@ -69,6 +69,10 @@ COST=(--model preact18 --width 64 --dataset synthetic --image-size 32 --syntheti
       --device cuda --dtype "$DTYPE" --warmup 5 --steps 20 --rounds 2 --no-progress)
 step cost_b128 75 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size 128 --out "$OUT/cost-b128"
 step cost_b512 90 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size 512 --out "$OUT/cost-b512"
+# The engine issue's comparison at batch 128: eager vs CUDA graphs (cost_b128 above) vs graphs + torch.compile
+FAST=(--methods clean,fgsm_rs,pgd,apart --batch-size 128)
+step cost_b128_eager 60 "$PY" -m apart_fast bench cost "${COST[@]}" "${FAST[@]}" --no-cuda-graphs --out "$OUT/cost-b128-eager"
+step cost_b128_compile 120 "$PY" -m apart_fast bench cost "${COST[@]}" "${FAST[@]}" --compile --out "$OUT/cost-b128-compile"
 
 if [[ -n $CIFAR && -e $CIFAR ]]; then
     step train_cifar10 400 "$PY" -m apart_fast bench cost --methods pgd,apart --model preact18 --width 64 \
@@ -87,7 +91,8 @@ step kernels_compile 120 "$PY" -m apart_fast bench kernels --filter "compile and
     echo
     echo "================ gpu_suite summary ($(( $(date +%s) - START ))s of ${BUDGET}s) -> $OUT"
     column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
-    for f in "$OUT"/cost-b128/cost.md "$OUT"/cost-b512/cost.md; do
+    for f in "$OUT"/cost-b128/cost.md "$OUT"/cost-b512/cost.md "$OUT"/cost-b128-eager/cost.md \
+             "$OUT"/cost-b128-compile/cost.md; do
         [[ -f $f ]] || continue
         echo "-- $(head -n 1 "$f" | sed 's/^# //')"
         grep '^|' "$f" | cut -c1-160

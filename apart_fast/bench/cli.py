@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test examples only")
     c.add_argument("--out", default=None, help="output folder (default bench-cost-<timestamp>)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each step in a CUDA graph (default: the engine's, on for CUDA where possible)")
+    c.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         synthetic_n=args.synthetic_n, epoch_size=args.epoch_size, device=args.device, dtype=args.dtype,
         backend=args.backend, warmup=args.warmup, steps=args.steps, rounds=args.rounds, pgd_steps=args.pgd_steps,
         free_replays=args.free_replays, seed=args.seed, train_epochs=args.train_epochs, eval=args.eval,
-        eval_n=args.eval_n, out=args.out, progress=not args.no_progress,
+        eval_n=args.eval_n, out=args.out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
     )
     result = run_cost(opts)
     print((Path(result["out"]) / "cost.md").read_text())
