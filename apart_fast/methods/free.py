@@ -65,7 +65,9 @@ class Free(Method):
         return {**super().state_dict(), "delta": self.delta}
 
     def rank_state(self) -> dict:
-        return {**super().rank_state(), "delta": self.delta}
+        # On the CPU: every rank's state is pickled to the others, and a CUDA tensor unpickles onto its
+        # sender's device, so rank 0 would allocate on (and open a context for) every other rank's GPU.
+        return {**super().rank_state(), "delta": None if self.delta is None else self.delta.cpu()}
 
     def load_rank_state(self, state: dict | None) -> None:
         super().load_rank_state(state)
