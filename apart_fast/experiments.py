@@ -104,5 +104,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         rel = f"{r['vs_pgd10']:.2f}x" if r.get("vs_pgd10") is not None else "n/a"
         lines.append(f"| {r['method']} | {r['clean_acc']:.3f} | {r['robust_acc']:.3f} | {r['seconds']:.1f} | {rel} |")
     dev = rows[0]["device"] if rows else "?"
-    name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "CPU"
     return "\n".join(lines) + f"\n\nDevice: {name}; evaluation {rows[0]['eval'] if rows else ''} on the test split."
