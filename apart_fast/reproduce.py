@@ -120,6 +120,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` as cuda when a CUDA device is available, else cpu; any other name as given."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
