@@ -138,7 +138,7 @@ def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor,
         *split_scalar(float(eps)),
         COMPUTE=tl_dtype(compute_dtype(x.dtype)),
         PROD=tl_dtype(prod),
-            ROUND_A=round_a,
+        ROUND_A=round_a,
         BLOCK_SIZE=BLOCK_SIZE,
         num_warps=NUM_WARPS,
     )
@@ -174,7 +174,7 @@ def perturb_init_bwd(
             HAS_GRAD_D=grad_d0 is not None,
             COMPUTE=tl_dtype(compute_dtype(x.dtype)),
             PROD=tl_dtype(prod),
-            ROUND_A=round_a,
+        ROUND_A=round_a,
             BLOCK_SIZE=BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )
