@@ -170,12 +170,16 @@ class DeviceLoader:
             flip = torch.zeros(m, dtype=torch.bool)
         return order, crop, flip, valid
 
+    def _slices(self, n: int) -> Iterator[slice]:
+        """Positions of the epoch's batches in the drawn order (a sharded loader narrows each to its rank's part)."""
+        for start in range(0, n, self.batch_size):
+            yield slice(start, start + self.batch_size)
+
     def __iter__(self) -> Iterator[Batch]:
         """One epoch of augmented float batches in [0,1] on the loader's device."""
         order, crop, flip, valid = (t.to(self.device) for t in self._draw_epoch())
         self.epoch += 1
-        for start in range(0, len(order), self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        for sl in self._slices(len(order)):
             idx = order[sl]
             xb = self.x[idx].to(torch.float32).div_(255)
             cb, fb = crop[sl], flip[sl]

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from apart_fast.config import ConfigError
-from apart_fast.data import Batch, DeviceLoader
+from apart_fast.data import DeviceLoader
 from apart_fast.engine.faults import finite_flag
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -209,23 +209,8 @@ class ShardLoader(DeviceLoader):
         self.rank, self.world = rank, world
         self.local_batch = self.batch_size // world
 
-    def __iter__(self) -> Iterator[Batch]:
-        """One epoch of this rank's slices of the global batches."""
-        if self.world == 1:
-            yield from super().__iter__()
-            return
-        from apart_fast.data.loader import augment_batch
-
-        order, crop, flip, valid = (t.to(self.device) for t in self._draw_epoch())
-        self.epoch += 1
-        for start in range(0, len(order), self.batch_size):
-            lo = start + self.rank * self.local_batch
-            sl = slice(lo, lo + self.local_batch)
-            idx = order[sl]
-            xb = self.x[idx].to(torch.float32).div_(255)
-            cb, fb = crop[sl], flip[sl]
-            if self.random_crop:
-                xb = augment_batch(xb, cb, fb, self.pad, self.pad_mode, self.pad_value)
-            elif self.random_flip:
-                xb = augment_batch(xb, torch.zeros_like(cb), fb, 0)
-            yield Batch(x=xb, y=self.y[idx], index=idx, crop=cb, flip=fb, valid=valid[sl])
+    def _slices(self, n: int) -> Iterator[slice]:
+        """This rank's part of every global batch."""
+        for sl in super()._slices(n):
+            lo = sl.start + self.rank * self.local_batch
+            yield slice(lo, lo + self.local_batch)
