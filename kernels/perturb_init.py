@@ -30,6 +30,25 @@ from ._utils import (
 
 
 @triton.jit
+def _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
+                         PROD: tl.constexpr, ROUND_A: tl.constexpr):
+    """Forward and backward alike: x, omega, ``v = a_init*omega`` and eps, rounded where the reference rounds."""
+    odt = omega_ptr.dtype.element_ty
+    a = tl.load(a_init_ptr)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(odt)
+        eps = eps.to(odt).to(PROD)
+    a = a.to(PROD)
+    omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    v = a * omega
+    if ROUND_A:
+        v = v.to(odt).to(PROD)
+    return x, omega, v, eps
+
+
+@triton.jit
 def _perturb_init_fwd_kernel(
     x_ptr,
     omega_ptr,
@@ -48,18 +67,8 @@ def _perturb_init_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    odt = omega_ptr.dtype.element_ty
-    a = tl.load(a_init_ptr)
-    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
-        a = a.to(odt)
-        eps = eps.to(odt).to(PROD)
-    a = a.to(PROD)
-    omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    v = a * omega
-    if ROUND_A:
-        v = v.to(odt).to(PROD)
+    x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
+                                            PROD, ROUND_A)
     d0 = clamp(v, -eps, eps).to(x0_ptr.dtype.element_ty)
     x0 = clamp(x + d0.to(COMPUTE), 0.0, 1.0)
     tl.store(d0_ptr + offs, d0, mask=mask)
@@ -90,18 +99,8 @@ def _perturb_init_bwd_kernel(
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
-    odt = omega_ptr.dtype.element_ty
-    a = tl.load(a_init_ptr)
-    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
-        a = a.to(odt)
-        eps = eps.to(odt).to(PROD)
-    a = a.to(PROD)
-    omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    v = a * omega
-    if ROUND_A:
-        v = v.to(odt).to(PROD)
+    x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
+                                            PROD, ROUND_A)
     m_eps0 = inside(v, -eps, eps, BOUND_PASSES)
     d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.

@@ -28,6 +28,26 @@ from ._utils import (
 
 
 @triton.jit
+def _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
+                      PROD: tl.constexpr, ROUND_A: tl.constexpr):
+    """Forward and backward alike: x, sign(g), ``v = d + a*sign(g)`` and eps, rounded where the reference rounds."""
+    ddt = d_ptr.dtype.element_ty
+    a = tl.load(a_ptr)
+    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
+    if ROUND_A:
+        a = a.to(ddt)
+        eps = eps.to(ddt).to(PROD)
+    a = a.to(PROD)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
+    s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
+    v = d + a * s  # a*s is exact (s in -1, 0, 1), so only the sum needs rounding
+    if ROUND_A:
+        v = v.to(ddt).to(PROD)
+    return x, s, v, eps
+
+
+@triton.jit
 def _sign_step_fwd_kernel(
     x_ptr,
     d_ptr,
@@ -48,19 +68,8 @@ def _sign_step_fwd_kernel(
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = x1_ptr.dtype.element_ty
-    ddt = d_ptr.dtype.element_ty
-    a = tl.load(a_ptr)
-    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
-        a = a.to(ddt)
-        eps = eps.to(ddt).to(PROD)
-    a = a.to(PROD)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
-    s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
-    v = d + a * s  # a*s is exact (s in -1, 0, 1), so only the sum needs rounding
-    if ROUND_A:
-        v = v.to(ddt).to(PROD)
+    x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
+                                     ROUND_A)
     d1 = clamp(v, -eps, eps).to(dtype)
     x1 = clamp(x + d1.to(COMPUTE), 0.0, 1.0)
     tl.store(d1_ptr + offs, d1, mask=mask)
@@ -93,19 +102,8 @@ def _sign_step_bwd_kernel(
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
-    ddt = d_ptr.dtype.element_ty
-    a = tl.load(a_ptr)
-    eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
-        a = a.to(ddt)
-        eps = eps.to(ddt).to(PROD)
-    a = a.to(PROD)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(PROD)
-    s = sign_of(tl.load(g_ptr + offs, mask=mask, other=0.0), PROD)
-    v = d + a * s
-    if ROUND_A:
-        v = v.to(ddt).to(PROD)
+    x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
+                                     ROUND_A)
     m_eps1 = inside(v, -eps, eps, BOUND_PASSES)
     d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.
