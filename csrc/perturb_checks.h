@@ -39,6 +39,47 @@ inline void check_sign(const at::Tensor& s, const at::Tensor& like) {
   TORCH_CHECK(s.numel() == like.numel(), "s has ", s.numel(), " elements but h has ", like.numel());
 }
 
+// Per-op argument checks, shared by the CPU and CUDA entry points (each checks its device type first).
+inline void check_perturb_init_args(const at::Tensor& x, const at::Tensor& omega, const at::Tensor& a_init) {
+  check_float(x, "x");
+  check_data(omega, "omega", x, "x");
+  check_step(a_init, "a_init", x);
+}
+
+// Returns whether grad_d0 is given.
+inline bool check_perturb_init_bwd_args(const at::Tensor& grad_x0, const c10::optional<at::Tensor>& grad_d0,
+                                        const at::Tensor& x, const at::Tensor& omega, const at::Tensor& a_init) {
+  check_perturb_init_args(x, omega, a_init);
+  check_data(grad_x0, "grad_x0", x, "x");
+  const bool has_gd = grad_d0.has_value() && grad_d0->defined();
+  if (has_gd) check_data(*grad_d0, "grad_d0", x, "x");
+  return has_gd;
+}
+
+inline void check_sign_step_args(const at::Tensor& x, const at::Tensor& d, const at::Tensor& g, const at::Tensor& a) {
+  check_float(x, "x");
+  check_data(d, "d", x, "x");
+  check_data(g, "g", x, "x");
+  check_step(a, "a", x);
+}
+
+// Returns whether grad_d1 is given.
+inline bool check_sign_step_bwd_args(const at::Tensor& grad_x1, const c10::optional<at::Tensor>& grad_d1,
+                                     const at::Tensor& x, const at::Tensor& d, const at::Tensor& g,
+                                     const at::Tensor& a) {
+  check_sign_step_args(x, d, g, a);
+  check_data(grad_x1, "grad_x1", x, "x");
+  const bool has_gd = grad_d1.has_value() && grad_d1->defined();
+  if (has_gd) check_data(*grad_d1, "grad_d1", x, "x");
+  return has_gd;
+}
+
+inline void check_pgd_args(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& g) {
+  check_float(x, "x");
+  check_data(x_adv, "x_adv", x, "x");
+  check_data(g, "g", x, "x");
+}
+
 // The arithmetic dtype of a storage dtype: float64 stays float64, everything else computes in float32.
 inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

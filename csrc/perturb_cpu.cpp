@@ -201,10 +201,7 @@ void pgd_loop(int64_t b, int64_t e, const scalar_t* __restrict x_adv, const scal
 std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const at::Tensor& omega,
                                                    const at::Tensor& a_init, double eps) {
   check_cpu(x, "x");
-  check_float(x, "x");
-  check_data(x, "x", x, "x");
-  check_data(omega, "omega", x, "x");
-  check_step(a_init, "a_init", x);
+  check_perturb_init_args(x, omega, a_init);
   auto x0 = new_output(x), d0 = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "perturb_init_fwd", [&] {
@@ -223,12 +220,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
                                                    const at::Tensor& x, const at::Tensor& omega,
                                                    const at::Tensor& a_init, double eps) {
   check_cpu(x, "x");
-  check_float(x, "x");
-  check_data(omega, "omega", x, "x");
-  check_data(grad_x0, "grad_x0", x, "x");
-  const bool has_gd = grad_d0.has_value() && grad_d0->defined();
-  if (has_gd) check_data(*grad_d0, "grad_d0", x, "x");
-  check_step(a_init, "a_init", x);
+  const bool has_gd = check_perturb_init_bwd_args(grad_x0, grad_d0, x, omega, a_init);
   auto grad_x = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
@@ -255,10 +247,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
 std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::Tensor& d, const at::Tensor& g,
                                                 const at::Tensor& a, double eps) {
   check_cpu(x, "x");
-  check_float(x, "x");
-  check_data(d, "d", x, "x");
-  check_data(g, "g", x, "x");
-  check_step(a, "a", x);
+  check_sign_step_args(x, d, g, a);
   auto x1 = new_output(x), d1 = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "sign_step_fwd", [&] {
@@ -281,13 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
                                                             const at::Tensor& x, const at::Tensor& d,
                                                             const at::Tensor& g, const at::Tensor& a, double eps) {
   check_cpu(x, "x");
-  check_float(x, "x");
-  check_data(d, "d", x, "x");
-  check_data(g, "g", x, "x");
-  check_data(grad_x1, "grad_x1", x, "x");
-  const bool has_gd = grad_d1.has_value() && grad_d1->defined();
-  if (has_gd) check_data(*grad_d1, "grad_d1", x, "x");
-  check_step(a, "a", x);
+  const bool has_gd = check_sign_step_bwd_args(grad_x1, grad_d1, x, d, g, a);
   auto grad_x = new_output(x), grad_d = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
@@ -365,9 +348,7 @@ at::Tensor layer_perturb_bwd(const at::Tensor& grad_out, const at::Tensor& s) {
 
 at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& g, double step, double eps) {
   check_cpu(x, "x");
-  check_float(x, "x");
-  check_data(x_adv, "x_adv", x, "x");
-  check_data(g, "g", x, "x");
+  check_pgd_args(x_adv, x, g);
   auto out = new_output(x);
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "pgd_step", [&] {

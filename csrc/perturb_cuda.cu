@@ -370,9 +370,7 @@ bool clamp_grad_at_bound() { return g_at_bound; }
 std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const at::Tensor& omega,
                                                    const at::Tensor& a_init, double eps) {
   check_cuda(x, "x");
-  check_float(x, "x");
-  check_data(omega, "omega", x, "x");
-  check_step(a_init, "a_init", x);
+  check_perturb_init_args(x, omega, a_init);
   const c10::cuda::CUDAGuard guard(x.device());
   auto x0 = at::empty_like(x), d0 = at::empty_like(x);
   const auto a = step_as_acc(a_init, x);
@@ -389,12 +387,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
                                                    const at::Tensor& x, const at::Tensor& omega,
                                                    const at::Tensor& a_init, double eps) {
   check_cuda(x, "x");
-  check_float(x, "x");
-  check_data(omega, "omega", x, "x");
-  check_data(grad_x0, "grad_x0", x, "x");
-  const bool has_gd = grad_d0.has_value() && grad_d0->defined();
-  if (has_gd) check_data(*grad_d0, "grad_d0", x, "x");
-  check_step(a_init, "a_init", x);
+  const bool has_gd = check_perturb_init_bwd_args(grad_x0, grad_d0, x, omega, a_init);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   const auto a = step_as_acc(a_init, x);
@@ -413,10 +406,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
 std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::Tensor& d, const at::Tensor& g,
                                                 const at::Tensor& a, double eps) {
   check_cuda(x, "x");
-  check_float(x, "x");
-  check_data(d, "d", x, "x");
-  check_data(g, "g", x, "x");
-  check_step(a, "a", x);
+  check_sign_step_args(x, d, g, a);
   const c10::cuda::CUDAGuard guard(x.device());
   auto x1 = at::empty_like(x), d1 = at::empty_like(x);
   const auto av = step_as_acc(a, x);
@@ -435,13 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
                                                             const at::Tensor& x, const at::Tensor& d,
                                                             const at::Tensor& g, const at::Tensor& a, double eps) {
   check_cuda(x, "x");
-  check_float(x, "x");
-  check_data(d, "d", x, "x");
-  check_data(g, "g", x, "x");
-  check_data(grad_x1, "grad_x1", x, "x");
-  const bool has_gd = grad_d1.has_value() && grad_d1->defined();
-  if (has_gd) check_data(*grad_d1, "grad_d1", x, "x");
-  check_step(a, "a", x);
+  const bool has_gd = check_sign_step_bwd_args(grad_x1, grad_d1, x, d, g, a);
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x), grad_d = at::empty_like(x);
   const auto av = step_as_acc(a, x);
@@ -511,9 +495,7 @@ at::Tensor layer_perturb_bwd(const at::Tensor& grad_out, const at::Tensor& s) {
 
 at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& g, double step, double eps) {
   check_cuda(x, "x");
-  check_float(x, "x");
-  check_data(x_adv, "x_adv", x, "x");
-  check_data(g, "g", x, "x");
+  check_pgd_args(x_adv, x, g);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty_like(x);
   APART_DISPATCH(x.scalar_type(), "pgd_step", [&] {
