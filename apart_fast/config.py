@@ -33,7 +33,7 @@ class ApartConfig:
     fixed point; with a small enough lr the bound holds up to one step's overshoot). For the
     input step, ``|dL2/da_in| <= ||dL2/dx1||_1``. Nothing bounds ``G`` itself, so ``max_step``
     clamps ``|a|`` after every update as a last resort, and a non-finite gradient skips the
-    update altogether (see apart_fast/engine/faults.py).
+    update altogether (see apart_fast/step/guard.py).
     """
 
     a_init: float = 1e-4  # initial scale of the stored initialisation (image units)

@@ -1,1 +1,1 @@
-"""The training engine: loop, schedule, checkpoints."""
+"""The training engine: the loop, checkpoints, signals and fault reporting, CUDA-graph replay."""

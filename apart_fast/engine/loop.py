@@ -1,7 +1,7 @@
 """The training loop: data on the device, one method step per batch, metrics read only at log intervals,
 a held-out evaluation and a full checkpoint after every epoch, exact resume.
 
-Reliability (see ``faults.py``):
+Reliability (see ``faults.py`` and ``step/guard.py``):
 
 - Interruption: the first SIGINT/SIGTERM lets the current step finish, then ``checkpoint.pt`` is
   written *at step granularity* and ``TrainingInterrupted`` (exit code 130/143 in the CLI) says how
@@ -17,7 +17,7 @@ Reliability (see ``faults.py``):
 - Bad input: everything (config, data, output folder, resume checkpoint) is checked before the
   output folder is created or touched, so a failed start writes nothing.
 
-Several processes (``torchrun --nproc_per_node N -m apart_fast train ...``): see ``distributed.py``.
+Several processes (``torchrun --nproc_per_node N -m apart_fast train ...``): see ``step/distributed.py``.
 Rank 0 alone writes files and prints; every rank evaluates a slice of the held-out/test data; a
 stop signal and the fault flags are agreed between ranks at log intervals, so all ranks stop after
 the same step.
@@ -42,13 +42,15 @@ from apart_fast.config import Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
-from apart_fast.engine.amp import Precision
-from apart_fast.engine.distributed import LOCAL, Comm, ShardLoader
-from apart_fast.engine.faults import BufferGuard, FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
-from apart_fast.engine.graphs import DeviceSchedule, DeviceSGD, GraphStep
-from apart_fast.engine.schedule import CyclicSchedule
+from apart_fast.engine.faults import FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
+from apart_fast.engine.graphs import GraphStep
 from apart_fast.methods import DataInfo, Method, build_method
 from apart_fast.models import build_model
+from apart_fast.step.amp import Precision
+from apart_fast.step.distributed import LOCAL, Comm, ShardLoader
+from apart_fast.step.guard import BufferGuard
+from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "results.json", "config.json")
@@ -457,7 +459,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     ``resume`` continues the run in ``cfg.out`` from its checkpoint.pt with the saved config (only
     ``epochs`` may grow). ``model``: a user's model instead of ``cfg.model`` (see ``Run``; pass it
     again to resume). Under torchrun (``WORLD_SIZE`` > 1) the processes train one model data-parallel
-    (``distributed.py``) and rank 0 writes; a checkpoint resumes on any number of processes.
+    (``step/distributed.py``) and rank 0 writes; a checkpoint resumes on any number of processes.
     Raises ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written), ``NumericFaultError``
     after ``cfg.max_faults`` non-finite steps, ConfigError/DataError/CheckpointError on bad input,
     in which case nothing has been written.

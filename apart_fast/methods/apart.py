@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
-from apart_fast.engine.faults import conditional_step, grads_of
-from apart_fast.engine.graphs import DeviceSchedule, DeviceSGD
-from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
+from apart_fast.step.guard import conditional_step, grads_of
+from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -169,7 +169,7 @@ class Apart(Method):
 
     def _update_store(self, batch: Batch, g: Tensor, ratio: Tensor) -> None:
         """The omega update of every example of the global batch (the store is replicated on every rank,
-        see engine/distributed.py): the ranks all-gather the int8 sign of dL2/dx1 and the (index, crop,
+        see step/distributed.py): the ranks all-gather the int8 sign of dL2/dx1 and the (index, crop,
         flip) rows, so every rank applies the same update in the same order. ``ratio`` is the same on
         every rank (identical step sizes, agreed keep flag)."""
         be = self.cfg.backend

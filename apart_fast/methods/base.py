@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast.config import Config
-from apart_fast.engine.amp import FP32, Precision
-from apart_fast.engine.distributed import LOCAL, Comm
-from apart_fast.engine.faults import conditional_step, grads_of
-from apart_fast.engine.schedule import CyclicSchedule
+from apart_fast.step.amp import FP32, Precision
+from apart_fast.step.distributed import LOCAL, Comm
+from apart_fast.step.guard import conditional_step, grads_of
+from apart_fast.step.schedule import CyclicSchedule
 
 if TYPE_CHECKING:
     from apart_fast.data import Batch
@@ -35,11 +35,11 @@ class Method:
 
     A method owns the model's optimizer step (Free replays it, APART adds a second optimizer) but
     not the optimizer itself, which the engine builds and checkpoints. Every update is kept only
-    where its loss and gradients are finite (``engine.faults.conditional_step``, decided on the
+    where its loss and gradients are finite (``step.guard.conditional_step``, decided on the
     device); ``step_ok`` is the step's 0-dim bool flag, which the engine reads at log intervals.
 
-    The engine may set ``precision`` (autocast and the fp16 loss scale, ``engine.amp``) and ``comm``
-    (the process group, ``engine.distributed``): every update backward goes through
+    The engine may set ``precision`` (autocast and the fp16 loss scale, ``step.amp``) and ``comm``
+    (the process group, ``step.distributed``): every update backward goes through
     ``finish_backward``, which unscales, averages the gradients across ranks and decides the flag.
     """
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apart_fast import ops
-from apart_fast.engine.faults import grads_of
 from apart_fast.methods.base import Method
+from apart_fast.step.guard import grads_of
 
 if TYPE_CHECKING:
     from apart_fast.data import Batch

@@ -16,8 +16,8 @@ from reliability_helpers import ROOT, subprocess_env
 from apart_fast.config import ApartConfig, Config, ConfigError
 from apart_fast.data import DeviceLoader
 from apart_fast.engine import checkpoint
-from apart_fast.engine.distributed import ShardLoader
 from apart_fast.engine.loop import train
+from apart_fast.step.distributed import ShardLoader
 
 
 def tiny_config(out: Path | None, epochs: int = 1) -> Config:

@@ -13,10 +13,10 @@ from apart_fast.cli import main
 from apart_fast.config import ApartConfig, Config
 from apart_fast.data import load_dataset
 from apart_fast.engine import checkpoint
-from apart_fast.engine.faults import conditional_step, finite_flag
 from apart_fast.engine.loop import Run, train
 from apart_fast.methods import METHOD_CLASSES
 from apart_fast.methods.clean import Clean
+from apart_fast.step.guard import conditional_step, finite_flag
 
 BAD_STEP = 3
 

@@ -8,9 +8,9 @@ import torch
 
 from apart_fast.config import ApartConfig, Config
 from apart_fast.engine import checkpoint
-from apart_fast.engine.graphs import DeviceSchedule, DeviceSGD
 from apart_fast.engine.loop import Run, train
-from apart_fast.engine.schedule import CyclicSchedule
+from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (graph capture, sync debug mode)")
 

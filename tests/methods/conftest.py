@@ -7,9 +7,9 @@ import torch
 
 from apart_fast.config import ApartConfig, Config
 from apart_fast.data import DeviceLoader
-from apart_fast.engine.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, build_method
 from apart_fast.models import build_model
+from apart_fast.step.schedule import CyclicSchedule
 
 N, C, H, W, PAD = 24, 3, 8, 8, 2
 

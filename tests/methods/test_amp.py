@@ -9,8 +9,8 @@ import torch
 
 from apart_fast import ops
 from apart_fast.config import ApartConfig
-from apart_fast.engine.amp import Precision
-from apart_fast.engine.distributed import LOCAL
+from apart_fast.step.amp import Precision
+from apart_fast.step.distributed import LOCAL
 
 APART = ApartConfig(a_init=0.01, a_in=0.01, a_layer=0.01, lr=1e-3, weight_decay=0.0)
 

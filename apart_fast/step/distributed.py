@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from apart_fast.config import ConfigError
 from apart_fast.data import DeviceLoader
-from apart_fast.engine.faults import finite_flag
+from apart_fast.step.guard import finite_flag
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -5,7 +5,7 @@ Why not ``torch.amp.GradScaler.step``: it reads its inf flag on the host (``.ite
 step, and it would count an overflow separately from the engine's fault mechanism. ``LossScaler``
 uses the same device ops GradScaler is built on (``_amp_foreach_non_finite_check_and_unscale_``,
 ``_amp_update_scale_``), so it is sync-free and capturable, and an overflow simply makes the step's
-keep flag False: the update is undone like any non-finite step (``engine.faults``) and the scale
+keep flag False: the update is undone like any non-finite step (``step.guard``) and the scale
 backs off. APART's step-size gradients come out of the same scaled backward as the model's and are
 unscaled with them, before the ascent negates them; dL2/dx1 is only used through its sign, which a
 positive scale does not change.
