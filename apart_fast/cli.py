@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, ApartConfig, Config, ConfigError
+from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, RESUME_MAY_CHANGE, ApartConfig, Config, ConfigError
+from apart_fast.engine.loop import BACKUP
 
 # Help for fields whose comment in config.py is not enough on its own.
 HELP = {
@@ -90,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with one method")
     _add_fields(t, Config)
     _add_fields(t, ApartConfig, prefix="apart_")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt")
-    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    may_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt with its own settings; "
+                   f"only {may_change} and --no-progress may change (--epochs only upwards)")
+    t.add_argument("--overwrite", action="store_true",
+                   help=f"replace the run already in --out (kept in --out/{BACKUP}/ until the new run's first checkpoint)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="clean, PGD and CW-loss PGD accuracy of a checkpoint")
@@ -119,48 +123,71 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--methods", default="clean,fgsm_rs,pgd,apart")
     d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
+    d.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as apart-fast --debug")
     parser.train_parser = t  # type: ignore[attr-defined]  # _given_flags reads the train options
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; every expected failure is one line on stderr and an exit code, no traceback.
+    """Run one subcommand; every expected failure is one line on stderr and an exit code, no traceback
+    (``--debug`` shows it).
 
-    Exit codes: 0 done, 2 bad input (config, data, checkpoint; nothing written), 1 the run stopped
-    on repeated numeric faults, 130/143 interrupted by SIGINT/SIGTERM (a checkpoint was written).
+    Exit codes: 0 done; 2 bad input or a failed start (config, data, checkpoint, output folder,
+    backend, out of memory before training: nothing written); 1 the run failed midway (repeated
+    numeric faults, an OSError such as a full disk, out of memory; the message names the checkpoint
+    it left); 130/143 interrupted by SIGINT/SIGTERM (a checkpoint was written).
     """
-    from apart_fast.data import DataError
-    from apart_fast.engine.checkpoint import CheckpointError
-    from apart_fast.engine.faults import NumericFaultError, TrainingInterrupted
+    import torch
+
+    from apart_fast.engine.faults import NumericFaultError, RunFailedError, TrainingInterrupted
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            args.given = _given_flags(argv)
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "demo":
-            return _demo(args)
-        for name, module, _ in EXTENSIONS:
-            if args.command == name:
-                return importlib.import_module(module).run(args)
-    except (ValueError, DataError, CheckpointError) as err:
-        print(f"apart-fast: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except NumericFaultError as err:
-        print(f"apart-fast: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return _dispatch(args, argv)
     except TrainingInterrupted as err:
         print(f"apart-fast: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("apart-fast: interrupted; nothing from this step on was saved", file=sys.stderr)
         return 130
-    return 0
+    except (NumericFaultError, RunFailedError) as err:
+        return _fail(args, err, _one_line(err), 1)
+    except ValueError as err:  # ConfigError, DataError, CheckpointError
+        return _fail(args, err, _one_line(err), 2)
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        return _fail(args, err, f"cannot use{where} ({err.strerror or err}); check the path, its permissions and free "
+                                "disk space", 2)
+    except (MemoryError, torch.cuda.OutOfMemoryError) as err:
+        return _fail(args, err, f"out of memory ({_one_line(err) or type(err).__name__}); lower --batch-size or "
+                                "use a device with more memory", 2)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the chosen subcommand and return its exit code."""
+    if args.command == "train":
+        args.given = _given_flags(argv)
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "demo":
+        return _demo(args)
+    module = {name: module for name, module, _ in EXTENSIONS}[args.command]
+    return importlib.import_module(module).run(args)
+
+
+def _fail(args: argparse.Namespace, err: BaseException, message: str, code: int) -> int:
+    """Print ``message`` as one error line and return ``code``; under ``--debug`` re-raise ``err`` instead."""
+    if getattr(args, "debug", False):
+        raise err
+    print(f"apart-fast: error: {message}", file=sys.stderr)
+    return code
 
 
 def _given_flags(argv: list[str]) -> set[str]:
@@ -172,23 +199,7 @@ def _given_flags(argv: list[str]) -> set[str]:
     parser = build_parser()
     for action in parser.train_parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv))) - {"command"}
-
-
-def _refuse_changed_settings(cfg: Config, given: set[str], out: str) -> None:
-    """A resumed run keeps its saved config: refuse flags that would silently be ignored (only --epochs may grow)."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        return  # train() reports the missing run
-    saved = Config.from_dict(json.loads(path.read_text())).to_dict()
-    now = cfg.to_dict()
-    flat = {**{k: v for k, v in now.items() if k != "apart"}, **{f"apart_{k}": v for k, v in now["apart"].items()}}
-    old = {**{k: v for k, v in saved.items() if k != "apart"}, **{f"apart_{k}": v for k, v in saved["apart"].items()}}
-    for dest in sorted(given - {"epochs", "out", "resume", "overwrite", "no_progress"}):
-        if dest in flat and flat[dest] != old.get(dest):
-            flag = "--" + dest.replace("_", "-")
-            raise ConfigError(f"{flag} {flat[dest]} differs from the run in {out} ({old.get(dest)}); a resumed run keeps "
-                              f"its settings (only --epochs may grow): drop {flag} or start a new --out")
+    return set(vars(parser.parse_args(argv))) - {"command", "debug"}
 
 
 def _one_line(err: BaseException) -> str:
@@ -199,13 +210,13 @@ def _train(args: argparse.Namespace) -> int:
     from apart_fast.engine.loop import train
 
     if args.resume:
+        if "out" in args.given and Path(args.out).absolute() != Path(args.resume).absolute():
+            raise ConfigError(f"--out {args.out} differs from --resume {args.resume}: a resumed run continues in its own "
+                              f"folder; drop --out (or copy {args.resume} to {args.out} and resume that)")
         args.out = args.resume
-        if "epochs" not in args.given:
-            args.epochs = 1  # train() keeps max(this, the saved run's epochs): the same run, not a longer one
     cfg = config_from_args(args)
-    if args.resume:
-        _refuse_changed_settings(cfg, args.given, args.resume)
-    res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress,
+                changed=args.given if args.resume else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))
     return 0
@@ -225,7 +236,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from apart_fast.experiments import demo, format_table
 
-    rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out)
+    rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out,
+                overwrite=args.overwrite)
     print(format_table(rows))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "free", "pgd", "apart")
@@ -12,8 +13,47 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
+BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+MAX_INT = 2**31 - 1  # integer settings above this are typos (and overflow seeds and device buffers)
+# Settings a resumed run may change (``--resume``): they change how the run is carried out or
+# reported, not what it learns up to its checkpoint. ``epochs`` may only grow; ``lr`` rescales the
+# rest of the model's cyclic schedule (to continue with a lower peak after --max-faults stopped it).
+RESUME_MAY_CHANGE = ("epochs", "lr", "max_faults", "log_interval", "eval_every", "backend")
+
+
 class ConfigError(ValueError):
     """A bad setting; the message is one line naming the value and the fix."""
+
+
+def _check_types(obj: object, prefix: str) -> None:
+    """Raise ConfigError naming the first field of dataclass ``obj`` whose value does not have its declared type.
+
+    Annotations are strings (``int``, ``float | None``...): ints are accepted for floats, bools never
+    for numbers; numpy scalars become plain Python numbers so configs stay JSON-safe.
+    """
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if v is None and "None" in kinds:
+            continue
+        base = kinds[0]
+        if base == "bool":
+            ok = isinstance(v, bool)
+        elif base == "int":
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            v = int(v) if ok else v
+        elif base == "float":
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            v = float(v) if ok else v
+        elif base == "str":
+            ok = isinstance(v, str)
+        else:
+            continue  # nested config: checked on its own
+        if not ok:
+            want = " or None" if "None" in kinds else ""
+            raise ConfigError(f"{type(obj).__name__}.{f.name} = {v!r} is a {type(v).__name__}; "
+                              f"{prefix}{f.name.replace('_', '-')} takes a {base}{want}")
+        object.__setattr__(obj, f.name, v)
 
 
 def check_budget(flag: str, v: float) -> None:
@@ -46,6 +86,9 @@ class ApartConfig:
     layer_perturb: bool = True  # False: the ablation without layer-wise perturbations
     freeze_bn_pass1: bool = False  # True: pass 1 leaves BatchNorm running statistics untouched
     legacy_model_decay: bool = False  # True: PyTorch 1.3 behaviour, the model's SGD also decays the step sizes
+
+    def __post_init__(self) -> None:
+        _check_types(self, "--apart-")
 
 
 @dataclass
@@ -94,13 +137,22 @@ class Config:
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # several CUDA processes: SyncBatchNorm (global batch statistics) instead of per-rank ones
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.apart, ApartConfig):
+            raise ConfigError(f"Config.apart = {self.apart!r} is a {type(self.apart).__name__}; pass an ApartConfig")
+        _check_types(self, "--")
+
     def validate(self) -> Config:
-        """Raise ConfigError on the first bad value; return self so calls chain."""
+        """Raise ConfigError on the first bad value (types, ranges, choices); return self so calls chain."""
         for obj, prefix in ((self, "--"), (self.apart, "--apart-")):
+            _check_types(obj, prefix)  # again: fields may have been assigned after construction
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
+                flag = f"{prefix}{f.name.replace('_', '-')}"
                 if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"{prefix}{f.name.replace('_', '-')} {v} is not a finite number; pass a real value")
+                    raise ConfigError(f"{flag} {v} is not a finite number; pass a real value")
+                if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                    raise ConfigError(f"{flag} {v} is too large (at most {MAX_INT}); pass a smaller value")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.model not in MODELS:
@@ -109,7 +161,7 @@ class Config:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         for name in ("eps", "eval_eps"):
             check_budget(f"--{name.replace('_', '-')}", getattr(self, name))
-        for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults"):
+        for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults", "final_eval_restarts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
@@ -138,6 +190,12 @@ class Config:
             raise ConfigError(f"--pad-mode {self.pad_mode!r}; choose constant or reflect")
         if self.width is not None and self.width < 1:
             raise ConfigError(f"--width {self.width} must be a positive integer")
+        if self.pad is not None and self.pad < 0:
+            raise ConfigError(f"--pad {self.pad} is negative; pass a padding >= 0 (or leave it unset for the dataset's)")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed} is negative; pass a seed in [0, {MAX_INT}]")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         return self
 
     def to_dict(self) -> dict:

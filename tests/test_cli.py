@@ -182,7 +182,7 @@ def test_ops_refuse_mismatched_dtypes_and_devices():
 
 def test_resume_refuses_a_changed_model_or_setting(trained, capsys):
     fails(["train", "--resume", str(trained), "--model", "preact18"], capsys,
-          "--model preact18 differs from the run", "(smallcnn)", "only --epochs may grow")
+          "--model preact18 differs from the run", "(smallcnn)", "--epochs may only grow")
     fails(["train", "--resume", str(trained), "--apart-lr", "0.1"], capsys, "--apart-lr 0.1 differs")
     fails(["train", "--resume", str(trained), "--apart-omega=0.1"], capsys, "--apart-omega-std 0.1 differs")  # abbreviated
 

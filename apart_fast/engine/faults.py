@@ -28,6 +28,10 @@ class NumericFaultError(RuntimeError):
     """Too many non-finite steps: the run stopped; the message names the steps and the checkpoint."""
 
 
+class RunFailedError(RuntimeError):
+    """The run stopped midway on an OSError (a full disk, say) or out of memory; the message names the checkpoint it left."""
+
+
 class TrainingInterrupted(Exception):  # noqa: N818 - it is a normal outcome, not an error
     """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 130 or 143."""
 

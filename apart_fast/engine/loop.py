@@ -14,8 +14,14 @@ Reliability (see ``faults.py`` and ``step/guard.py``):
   per-step sync), logged with its global step to ``metrics.jsonl`` and stderr when the flags are
   read (every ``log_interval`` steps), and ``max_faults`` of them stop the run with
   ``NumericFaultError``.
-- Bad input: everything (config, data, output folder, resume checkpoint) is checked before the
-  output folder is created or touched, so a failed start writes nothing.
+- Bad input: one validation phase (``_train`` up to ``prepare_out_dir``) checks the config, the
+  data (read and decoded in full), the output folder (writable, room for a checkpoint), the
+  backend and, on resume, the checkpoint against this run (its own config, ``RESUME_MAY_CHANGE``,
+  the data's fingerprint) before the output folder is created or touched: a failed start writes nothing.
+- ``--overwrite`` moves the old run into ``<out>/overwritten-run/`` and deletes it only once the
+  new run wrote its first checkpoint; a new run that fails before that puts the old one back.
+- Failing midway (``OSError`` such as a full disk, out of memory): ``RunFailedError`` names the
+  checkpoint the run left and how to resume.
 
 Several processes (``torchrun --nproc_per_node N -m apart_fast train ...``): see ``step/distributed.py``.
 Rank 0 alone writes files and prints; every rank evaluates a slice of the held-out/test data; a
@@ -25,11 +31,16 @@ the same step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +49,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from apart_fast.attacks import evaluate
-from apart_fast.config import Config, ConfigError
+from apart_fast.config import RESUME_MAY_CHANGE, Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
-from apart_fast.engine.faults import FaultMonitor, NumericFaultError, StopSignals, TrainingInterrupted
+from apart_fast.engine.faults import (
+    FaultMonitor,
+    NumericFaultError,
+    RunFailedError,
+    StopSignals,
+    TrainingInterrupted,
+)
 from apart_fast.engine.graphs import GraphStep
 from apart_fast.methods import DataInfo, Method, build_method
 from apart_fast.models import build_model
 from apart_fast.step.amp import Precision
 from apart_fast.step.distributed import LOCAL, Comm, ShardLoader
-from apart_fast.step.guard import BufferGuard
+from apart_fast.step.guard import BufferGuard, finite_flag
 from apart_fast.step.optim import DeviceSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "results.json", "config.json")
+BACKUP = "overwritten-run"  # --overwrite keeps the old run here until the new run's first checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,37 +85,158 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _existing_ancestor(path: Path, flag: str) -> Path:
+    """``path`` or its nearest existing ancestor, which must be a folder (ConfigError otherwise)."""
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"{flag} {path}: {probe} is a symlink to nothing; fix the link or pass another folder")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a folder; pass a folder")
+    return probe
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """ConfigError unless ``path`` (or the folder it would be created in) takes a new file; leaves nothing behind."""
+    where = _existing_ancestor(path, flag)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=".apart-fast-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path} is not writable ({err.strerror} in {where}); pass a folder you can write to") from None
+
+
+def check_free_space(path: Path, need: int, flag: str = "--out") -> None:
+    """ConfigError unless the disk holding ``path`` has ``need`` bytes free."""
+    where = _existing_ancestor(path, flag)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ConfigError(f"{flag} {path}: {free / 2**20:.1f} MiB free on its disk but this run's checkpoints need about "
+                          f"{need / 2**20:.1f} MiB; free some space or pass a folder on another disk")
+
+
 def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
-    """The output folder as a Path after checking it can take this run; writes nothing."""
+    """The output folder as a Path after checking it can take this run (exists or can be created, writable); writes nothing."""
     if out is None:
         if resume:
             raise ConfigError("--resume needs the run's folder; pass --resume DIR")
         return None
     path = Path(out)
+    flag = "--resume" if resume else "--out"
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder")
+        raise ConfigError(f"{flag} {out} is a file; pass a folder")
     if resume:
         if not (path / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume {out}: no checkpoint.pt there to resume from; train without --resume first")
-        return path
-    taken = [f for f in RUN_FILES if (path / f).exists()]
-    if taken and not overwrite:
-        raise ConfigError(f"--out {out} already holds a run ({taken[0]}); pass --resume {out}, --overwrite, or another --out")
+    else:
+        taken = [f for f in RUN_FILES if (path / f).exists()]
+        if taken and not overwrite:
+            raise ConfigError(f"--out {out} already holds a run ({taken[0]}); pass --resume {out}, --overwrite, "
+                              "or another --out")
+        backup = path / BACKUP
+        if backup.exists() and not backup.is_dir():
+            raise ConfigError(f"--out {out}: {backup} is a file; remove it (apart-fast keeps an overwritten run there)")
+    check_writable(path, flag)
     return path
 
 
 def prepare_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
-    """Check the output folder (``check_out_dir``), then create it; ``overwrite`` deletes the old run's files."""
+    """Check the output folder (``check_out_dir``), then create it; ``overwrite`` moves the old run into
+    ``BACKUP`` (``drop_backup`` deletes it after the new run's first checkpoint, ``restore_backup`` puts it back)."""
     path = check_out_dir(out, resume, overwrite)
     if path is None:
         return None
-    if overwrite and not resume:
-        for f in RUN_FILES:
-            (path / f).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     for tmp in path.glob(".*.tmp"):  # left by a process killed inside an atomic write
         tmp.unlink(missing_ok=True)
+    if overwrite and not resume:
+        backup = path / BACKUP
+        present = [f for f in RUN_FILES if (path / f).exists()]
+        if backup.is_dir() and not (path / "checkpoint.pt").exists():
+            # The last --overwrite never reached a checkpoint: the backup is the real run; what is here is not.
+            for f in present:
+                (path / f).unlink()
+        elif present:
+            shutil.rmtree(backup, ignore_errors=True)
+            backup.mkdir()
+            for f in present:
+                os.replace(path / f, backup / f)
     return path
+
+
+def drop_backup(out: Path) -> None:
+    """Delete the run ``--overwrite`` replaced, once the new run has a checkpoint."""
+    if (out / BACKUP).is_dir():
+        shutil.rmtree(out / BACKUP)
+
+
+def restore_backup(out: Path) -> bool:
+    """Put the run ``--overwrite`` moved aside back in place of a new run that wrote no checkpoint; True if one was."""
+    backup = out / BACKUP
+    if not backup.is_dir() or (out / "checkpoint.pt").exists():
+        return False
+    for f in RUN_FILES:
+        (out / f).unlink(missing_ok=True)
+    for f in backup.iterdir():
+        os.replace(f, out / f.name)
+    backup.rmdir()
+    return True
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """ConfigError unless the perturbation-op backend ``backend`` loads and runs tensors on ``device``."""
+    from apart_fast.ops import dispatch
+
+    try:
+        dispatch.resolve(backend, device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"--backend {backend} cannot run on {device}: {err}; pass --backend auto or torch") from None
+
+
+def data_fingerprint(d: ImageData) -> dict[str, Any]:
+    """What a checkpoint records of its training data: sizes, image shape, classes and a sha256 of every
+    image and label, so a resume on data that changed (or an evaluation at another image size) is refused."""
+    digest = hashlib.sha256()
+    for t in (d.train_x, d.train_y, d.test_x, d.test_y):
+        digest.update(t.contiguous().numpy().data)
+    return {"n_train": int(d.train_x.shape[0]), "n_test": int(d.test_x.shape[0]), "shape": list(d.train_x.shape[1:]),
+            "classes": d.num_classes, "sha256": digest.hexdigest()}
+
+
+def _data_change(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """How the data a checkpoint was trained on differs from ``now`` (``data_fingerprint``s), in words."""
+    names = {"n_train": "training examples", "n_test": "test examples", "shape": "image shape (C,H,W)", "classes": "classes"}
+    parts = [f"{names[k]} {saved.get(k)} -> {now[k]}" for k in names if saved.get(k) != now[k]]
+    return "; ".join(parts) or "same sizes, different images or labels"
+
+
+def resume_config(saved: Config, cfg: Config, changed: Collection[str] | None, out: str) -> Config:
+    """The resumed run's config: the checkpoint's own, with the ``RESUME_MAY_CHANGE`` fields of ``cfg``
+    that were set (``changed``; None: those differing from Config()'s defaults), refusing any other change."""
+    def flat(c: Config) -> dict[str, Any]:
+        d = c.to_dict()
+        return {**{k: v for k, v in d.items() if k != "apart"}, **{f"apart_{k}": v for k, v in d["apart"].items()}}
+
+    old, new = flat(saved), flat(cfg)
+    if changed is None:
+        default = flat(Config())
+        changed = {k for k in new if new[k] != default[k]}
+    allowed = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+    merged = Config.from_dict(saved.to_dict())
+    for name in sorted(set(changed) & set(new) - {"out"}):
+        flag = "--" + name.replace("_", "-")
+        if name == "epochs" and new[name] < old[name]:
+            raise ConfigError(f"--epochs {new[name]} is fewer than the {old[name]} of the run in {out}; a resumed run's "
+                              "--epochs may only grow: drop --epochs or pass a larger value")
+        if name in RESUME_MAY_CHANGE:
+            setattr(merged, name, new[name])
+        elif new[name] != old[name]:
+            raise ConfigError(f"{flag} {new[name]} differs from the run in {out} ({old[name]}); a resumed run keeps its "
+                              f"settings except {allowed} (--epochs may only grow): drop {flag} or start a new --out")
+    merged.out = out
+    return merged.validate()
 
 
 def _warn(msg: str) -> None:
@@ -118,9 +257,11 @@ class Run:
         self.cfg = cfg
         self.comm = comm if comm is not None else LOCAL
         self.device = resolve_device(device if device is not None else cfg.device)
+        check_backend(cfg.backend, self.device)
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         d = self.data
+        self.data_info = data_fingerprint(d)
         n_train = int(d.train_x.shape[0])
         if cfg.batch_size > n_train:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training examples; pass a smaller batch size")
@@ -179,7 +320,9 @@ class Run:
         self.buffers = BufferGuard(self.model)
         gens = [self.method.generator] if cuda else []
         self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=gens) if self.graphs else None
-        self.faults = FaultMonitor(self.device, cfg.log_interval)
+        self.faults = FaultMonitor(self.device, min(cfg.log_interval, len(self.loader)))
+        self.faults_before = 0  # faults of earlier starts of this run: --max-faults counts this start's only
+        self.saved_at: tuple[int, int, int] | None = None  # (epoch, step in epoch, step) of this run's checkpoint.pt
         self.out: Path | None = None  # where fault events are logged (set by ``train``)
         self._epoch_loader: dict[str, Any] | None = None  # loader state before the current epoch's draw
         self._sums: dict[str, torch.Tensor] = {}
@@ -218,6 +361,7 @@ class Run:
             "precision": self.precision.state_dict(),
             "world": self.comm.world,
             "rank_states": rank_states,
+            "data": self.data_info,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,11 +378,21 @@ class Run:
                 f"checkpoint holds model {saved_cfg['name']} {saved_cfg['kwargs']}, "
                 f"this run builds {cfg['name']} {cfg['kwargs']}; pass the same --model/--width"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.method.load_state_dict(state["method"])
-        self.loader.load_state_dict(state["loader"])
+        data = state.get("data")
+        if data is not None and data != self.data_info:
+            raise checkpoint.CheckpointError(
+                f"the data differs from the data the checkpoint was trained on ({_data_change(data, self.data_info)}); "
+                f"resume with that data ({self.cfg.dataset} {self.cfg.data_dir or ''}) or start a new --out")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.method.load_state_dict(state["method"])
+            self.loader.load_state_dict(state["loader"])
+        except (RuntimeError, KeyError, ValueError, IndexError) as err:  # a checkpoint without "data": other data or code
+            raise checkpoint.CheckpointError(
+                f"the checkpoint does not fit this run ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                "resume with the data and apart_fast version that wrote it, or start a new --out") from None
         torch.set_rng_state(state["rng_cpu"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
@@ -247,6 +401,8 @@ class Run:
         self._epoch_loader = state["loader"] if self.step_in_epoch else None
         if "faults" in state:
             self.faults.load_state_dict(state["faults"])
+        self.faults_before = self.faults.total
+        self.saved_at = (self.epoch, self.step_in_epoch, self.step_count)
         self.train_seconds = float(state["train_seconds"])
         self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
         if "precision" in state:
@@ -267,6 +423,7 @@ class Run:
             "model": self.model.state_dict(),
             "method": self.cfg.method,
             "epoch": self.epoch,
+            "data": self.data_info,
         }
 
     def read_faults(self) -> None:
@@ -280,11 +437,11 @@ class Run:
             with open(self.out / "metrics.jsonl", "a") as f:
                 for s in bad:
                     f.write(json.dumps({"event": "nonfinite", "step": s, "epoch": self.epoch + 1}) + "\n")
-        if self.faults.total >= self.cfg.max_faults:
+        now = self.faults.total - self.faults_before
+        if now >= self.cfg.max_faults:
             steps = ", ".join(map(str, self.faults.steps[-5:]))
             raise NumericFaultError(
-                f"stopped after {self.faults.total} non-finite steps (last at steps {steps}); each update was "
-                f"skipped, so the weights stayed finite; lower --lr/--apart-lr or check the data for NaN"
+                f"stopped after {now} non-finite steps (last at steps {steps}); each of their updates was undone"
             )
 
     def train_epoch(self, progress: bool, stop: StopSignals | None = None) -> dict[str, float] | None:
@@ -440,9 +597,36 @@ def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> 
                                stop.exit_code)
 
 
+def _position(run: Run) -> str:
+    """Where the run stands, in words: 'step S (epoch E, step i of n)' or 'step S (the end of epoch E)'."""
+    if run.step_in_epoch:
+        return f"step {run.step_count} (epoch {run.epoch + 1}, step {run.step_in_epoch} of {len(run.loader)})"
+    return f"step {run.step_count} (the end of epoch {run.epoch})"
+
+
+def _held(run: Run, out: Path) -> str:
+    """What ``out``/checkpoint.pt holds for a message: the position it was saved at, or that there is none."""
+    if run.saved_at is None:
+        return f"no checkpoint was written to {out}"
+    epoch, step_in_epoch, step = run.saved_at
+    where = f"epoch {epoch + 1}, step {step_in_epoch} of {len(run.loader)}" if step_in_epoch else f"the end of epoch {epoch}"
+    return f"{out}/checkpoint.pt holds the finite state after step {step} ({where})"
+
+
+def model_finite(run: Run) -> bool:
+    """Whether every weight and buffer (BatchNorm statistics included) of the model is finite (one sync)."""
+    tensors = [t for t in run.model.state_dict().values() if t.is_floating_point()]
+    return bool(finite_flag(torch.zeros((), device=run.device), tensors))
+
+
 def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = False) -> None:
-    """checkpoint.pt (and model.pt / model_best.pt), built on every rank, written by rank 0."""
+    """checkpoint.pt (and model.pt / model_best.pt), built on every rank, written by rank 0, after checking
+    the model is finite (a non-finite model is never saved over the last good checkpoint)."""
+    if not model_finite(run):
+        raise NumericFaultError(f"the model holds non-finite weights or BatchNorm statistics after {_position(run)}, "
+                                "so it was not saved")
     state = run.state_dict()
+    run.saved_at = (run.epoch, run.step_in_epoch, run.step_count)
     if not run.comm.is_main:
         return
     if best:
@@ -450,53 +634,84 @@ def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = 
     checkpoint.save(out / "checkpoint.pt", state)
     if model_too:
         checkpoint.save(out / "model.pt", run.model_payload())
+    drop_backup(out)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state dict (what a checkpoint of it takes on disk, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          data: ImageData | None = None, model: nn.Module | None = None) -> dict[str, Any]:
+          data: ImageData | None = None, model: nn.Module | None = None,
+          changed: Collection[str] | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` and return the final results; with ``cfg.out`` set, write metrics and checkpoints there.
 
-    ``resume`` continues the run in ``cfg.out`` from its checkpoint.pt with the saved config (only
-    ``epochs`` may grow). ``model``: a user's model instead of ``cfg.model`` (see ``Run``; pass it
-    again to resume). Under torchrun (``WORLD_SIZE`` > 1) the processes train one model data-parallel
+    ``resume`` continues the run in ``cfg.out`` from its checkpoint.pt with the checkpoint's own config;
+    of ``cfg``'s fields, those in ``changed`` (None: those that differ from Config()'s defaults) may
+    differ from it only if listed in ``config.RESUME_MAY_CHANGE`` (``epochs`` only upwards).
+    ``model``: a user's model instead of ``cfg.model`` (see ``Run``; pass it again to resume).
+    Under torchrun (``WORLD_SIZE`` > 1) the processes train one model data-parallel
     (``step/distributed.py``) and rank 0 writes; a checkpoint resumes on any number of processes.
-    Raises ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written), ``NumericFaultError``
-    after ``cfg.max_faults`` non-finite steps, ConfigError/DataError/CheckpointError on bad input,
-    in which case nothing has been written.
+    Raises ConfigError/DataError/CheckpointError on bad input, found before anything is written;
+    then ``TrainingInterrupted`` after SIGINT/SIGTERM (checkpoint written), ``NumericFaultError``
+    after ``cfg.max_faults`` non-finite steps, ``RunFailedError`` on an OSError or out of memory,
+    each naming the checkpoint left.
     """
     cfg.validate()
     comm, device = Comm.from_env(cfg.device)
     try:
-        return _train(cfg, comm, device, resume, overwrite, progress, data, model)
+        return _train(cfg, comm, device, resume, overwrite, progress, data, model, changed)
     finally:
         comm.close()
 
 
 def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, progress: bool,
-           data: ImageData | None, model: nn.Module | None) -> dict[str, Any]:
-    """``train`` inside its process group."""
+           data: ImageData | None, model: nn.Module | None, changed: Collection[str] | None) -> dict[str, Any]:
+    """``train`` inside its process group: the validation phase, then the run."""
     progress = progress and comm.is_main
     out = check_out_dir(cfg.out, resume, overwrite)
     saved = None
     if resume:
         assert out is not None
         saved = _load_resume(out)
-        epochs = cfg.epochs
-        cfg = Config.from_dict(saved["config"])
-        cfg.epochs, cfg.out = max(epochs, cfg.epochs), str(out)
+        cfg = resume_config(Config.from_dict(saved["config"]), cfg, changed, str(out))
     run = Run(cfg, data, model=model, comm=comm, device=device)
     if saved is not None:
         run.load_state_dict(saved)
+    if out is not None:
+        state = run.state_dict()
+        model_bytes = _tensor_bytes(state["model"])
+        check_free_space(out, 2 * _tensor_bytes(state) + 2 * model_bytes)
+        del state
     history: list[dict[str, Any]] = []
     comm.barrier()  # every rank has checked everything before rank 0 writes
+    try:
+        return _run(run, out, resume, overwrite, progress, history)
+    except BaseException as err:
+        if out is not None and not resume and overwrite and comm.is_main and restore_backup(out):
+            err.args = (f"{err.args[0] if err.args else err}; the run --overwrite would have replaced is back in {out}",
+                        *err.args[1:])
+        raise
+
+
+def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bool,
+         history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run after the validation phase: prepare the output folder, train, evaluate, write the results."""
+    cfg, comm = run.cfg, run.comm
     if out is not None:  # everything is checked: from here on the run may write
         run.out = out
         if comm.is_main:
             prepare_out_dir(str(out), resume, overwrite)
             if resume:
                 history = _trim_metrics(out, run)
-            else:
-                checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+            checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
         elif resume:
             history = comm.broadcast_object(None)
         if comm.is_main and resume:
@@ -507,6 +722,11 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
     with stop.installed():
         try:
             results = _train_loop(run, out, history, hx, hy, progress, stop)
+            ev = results.pop("_final")
+            results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
+                           eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
+            if out is not None and comm.is_main:
+                checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
         except KeyboardInterrupt:  # a second signal, or one during the final evaluation
             if stop.signum is None:
                 raise
@@ -514,15 +734,16 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
         except NumericFaultError as err:
             if out is None:
                 raise
-            if not (out / "checkpoint.pt").exists():  # nothing saved yet: the current state is finite, keep it
+            if run.saved_at is None and model_finite(run):  # nothing saved yet: keep the current, finite state
                 _save_checkpoint(run, out)
-            raise NumericFaultError(f"{err}; {out}/checkpoint.pt holds the last good state "
-                                    f"(resume with: apart-fast train --resume {out})") from None
-    ev = results.pop("_final")
-    results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
-                   eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
-    if out is not None and comm.is_main:
-        checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+            evaluate_it = (f"; evaluate it with: apart-fast eval --checkpoint {out}/checkpoint.pt, or resume with a "
+                           f"lower peak lr: apart-fast train --resume {out} --lr <lower>") if run.saved_at else ""
+            raise NumericFaultError(f"{err}; {_held(run, out)}{evaluate_it}") from None
+        except (OSError, MemoryError, torch.cuda.OutOfMemoryError) as err:
+            what = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            resume_it = f"; fix the cause and resume with: apart-fast train --resume {out}" if run.saved_at else ""
+            kept = _held(run, out) if out is not None else "no --out was given, so nothing was saved"
+            raise RunFailedError(f"the run failed at {_position(run)} ({what}); {kept}{resume_it}") from err
     results["model"] = run.model
     return results
 

@@ -104,9 +104,12 @@ class Method:
         """After an update backward: unscale (fp16), average ``grads`` across ranks, and return the keep
         flag, the same on every rank (True where the loss, the gradients and the rank-local tensors
         ``local`` are finite everywhere). Sets ``step_fault``: a skipped step counts as a numeric
-        fault unless it was an fp16 overflow (finite loss on every rank, non-finite scaled gradients)."""
+        fault unless it was an fp16 overflow (finite loss on every rank, non-finite scaled gradients).
+        The model's floating-point buffers count as ``local`` too: a forward pass can write inf into
+        BatchNorm running statistics while the loss stays finite, and such a step must be undone."""
         self.precision.unscale_(grads)
-        ok, loss_ok = self.comm.reduce_grads_and_flag(loss, grads, local)
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        ok, loss_ok = self.comm.reduce_grads_and_flag(loss, grads, [*local, *buffers])
         self.step_fault = ~ok & ~loss_ok if self.precision.scaler is not None else ~ok
         return ok
 

@@ -116,7 +116,7 @@ def test_repeated_faults_stop_the_run_with_a_usable_checkpoint(tmp_path, monkeyp
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("apart-fast: error: stopped after 4 non-finite steps")
-    assert "checkpoint.pt holds the last good state" in err[-1] and "Traceback" not in "".join(err)
+    assert "checkpoint.pt holds the finite state after step 4 (epoch 1, step 4 of 16)" in err[-1] and "Traceback" not in "".join(err)
     saved = checkpoint.load(out / "checkpoint.pt")
     assert saved["step_count"] == 4 and saved["faults"]["steps"] == [1, 2, 3, 4]
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
