@@ -20,9 +20,15 @@ def load_model(path: str, map_location: str = "cpu") -> nn.Module:
     It takes float32 images in [0,1] of shape (N,C,H,W) and returns logits.
     """
     from apart_fast.engine import checkpoint
+
+    return model_from_payload(checkpoint.load(path, map_location=map_location), path)
+
+
+def model_from_payload(state: dict[str, Any], path: str) -> nn.Module:
+    """The eval-mode model held by a loaded checkpoint payload (``load_model`` without the read); ``path`` names it in errors."""
+    from apart_fast.engine import checkpoint
     from apart_fast.models import model_from_config
 
-    state = checkpoint.load(path, map_location=map_location)
     if "model_config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} holds no model; pass model.pt or checkpoint.pt from apart-fast train")
     if state["model_config"] is None:

@@ -50,9 +50,10 @@ def _check_types(obj: object, prefix: str) -> None:
         else:
             continue  # nested config: checked on its own
         if not ok:
-            want = " or None" if "None" in kinds else ""
+            want = {"int": "an int", "float": "a number", "str": "a str", "bool": "a bool"}[base]
+            want += " or None" if "None" in kinds else ""
             raise ConfigError(f"{type(obj).__name__}.{f.name} = {v!r} is a {type(v).__name__}; "
-                              f"{prefix}{f.name.replace('_', '-')} takes a {base}{want}")
+                              f"{prefix}{f.name.replace('_', '-')} must be {want}")
         object.__setattr__(obj, f.name, v)
 
 

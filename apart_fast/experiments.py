@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from apart_fast.attacks import evaluate
-from apart_fast.config import ApartConfig, Config, check_budget
+from apart_fast.config import ApartConfig, Config, ConfigError, check_budget
 from apart_fast.data import load_dataset
 from apart_fast.engine.checkpoint import CheckpointError
 
@@ -20,12 +20,20 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
                         loss: str = "both", n: int | None = None, batch_size: int = 256, device: str = "cpu",
                         seed: int = 0, backend: str = "auto") -> dict[str, Any]:
     """Clean, PGD (CE) and CW-loss PGD accuracy of a checkpoint on a dataset's test split, in eval mode."""
-    from apart_fast import load_model
-    from apart_fast.engine.loop import resolve_device
+    from apart_fast import model_from_payload
+    from apart_fast.engine import checkpoint
+    from apart_fast.engine.loop import check_backend, resolve_device
 
     check_budget("--eps", eps)
+    for flag, v, low in (("--n", n, 1), ("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1)):
+        if v is not None and v < low:
+            raise ConfigError(f"{flag} {v} must be at least {low}; pass a value >= {low}" +
+                              (" (or leave --n out for the whole test split)" if flag == "--n" else ""))
     dev = resolve_device(device)
-    net = load_model(path, map_location="cpu")
+    check_backend(backend, dev)
+    payload = checkpoint.load(path, map_location="cpu")
+    net = model_from_payload(payload, path)
+    trained_on = payload.get("data")  # the training data's fingerprint (checkpoints since its addition)
     name = net.config["name"]
     if model is not None and model != name:
         raise CheckpointError(f"{path} holds a {name} model, not {model}; pass --model {name} or another checkpoint")
@@ -36,6 +44,10 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
             f"{path} was trained for {kw.get('num_classes')} classes of {kw.get('in_channels')}-channel images; "
             f"{dataset} has {data.num_classes} of {data.channels}: pass the dataset it was trained on"
         )
+    if trained_on is not None and list(trained_on["shape"]) != list(data.test_x.shape[1:]):
+        _, h, w = trained_on["shape"]
+        raise CheckpointError(f"{path} was trained on {h}x{w} images; {dataset} has {data.image_size[0]}x{data.image_size[1]}: "
+                              "pass the dataset it was trained on (or one of the same image size)")
     net = net.to(dev)
     x, y = data.test_x, data.test_y
     if n is not None:
@@ -78,17 +90,22 @@ def demo_config(method: str, epochs: int, device: str, seed: int, n_train: int |
 
 
 def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 0,
-         out: str | None = None) -> list[dict[str, Any]]:
-    """Train each method on the bundled digits data and return one row per method."""
-    from apart_fast.engine.loop import train
+         out: str | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train each method on the bundled digits data and return one row per method; with ``out``, each
+    run goes to ``out/<method>``, which must not hold a run unless ``overwrite`` (checked for all first)."""
+    from apart_fast.engine.loop import check_out_dir, train
 
     data = load_dataset("digits", seed=seed)
-    rows = []
+    configs = []
     for m in methods:
         cfg = demo_config(m, epochs, device, seed, n_train=int(data.train_x.shape[0]))
         if out is not None:
             cfg.out = os.path.join(out, m)
-        res = train(cfg, overwrite=True, progress=True, data=data)
+            check_out_dir(cfg.out, resume=False, overwrite=overwrite)
+        configs.append(cfg.validate())
+    rows = []
+    for m, cfg in zip(methods, configs):
+        res = train(cfg, overwrite=overwrite, progress=True, data=data)
         rows.append({"method": m, "clean_acc": res["test_clean_acc"], "robust_acc": res["test_robust_acc"],
                      "seconds": res["train_seconds"], "eval": res["eval"], "device": res["device"]})
     base = next((r["seconds"] for r in rows if r["method"] == "pgd"), None)

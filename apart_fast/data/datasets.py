@@ -246,6 +246,16 @@ def load_dataset(
     if key not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        return _load(key, data_dir, seed, cache, synthetic_size, download)
+    except OSError as err:  # an unreadable entry of the data, or a cache folder that cannot be written
+        where = err.filename or data_dir
+        raise DataError(f"cannot use {where} ({err.strerror or err}) while loading {name}; check that the data is "
+                        f"readable and the cache folder {cache} writable (set $APART_FAST_CACHE)") from None
+
+
+def _load(key: str, data_dir: str | None, seed: int, cache: Path, synthetic_size: int, download: bool) -> ImageData:
+    """``load_dataset`` for a checked dataset key."""
     if key == "digits":
         return _load_digits(seed)
     if key == "synthetic":

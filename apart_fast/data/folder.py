@@ -8,12 +8,14 @@ tensors live in ``<cache>/folders/<key>/``, the key hashing its path and its fil
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,11 +73,24 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
         )
 
 
+def _read_to_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """Read the (decompressed) stream past the last member to its end: a compressed archive's checksum
+    is verified there, and anything but zero padding means a damaged header cut the listing short."""
+    fileobj = tar.fileobj
+    fileobj.seek(tar.offset)
+    while block := fileobj.read(1 << 20):
+        if block.count(0) != len(block):
+            raise DataError(f"{archive} is damaged: its listing stops at byte {tar.offset} of the tar stream but data "
+                            "follows (a corrupted member header); pass an intact archive")
+
+
 def _extract_into(archive: Path, dest: Path) -> None:
-    """Extract ``archive`` into ``dest`` after checking every member; DataError on a bad archive."""
+    """Extract ``archive`` into ``dest`` after reading all of it (checksums included) and checking every
+    member; DataError on a bad archive."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
+            _read_to_end(tar, archive)
             for member in members:
                 _check_member(member, archive)
             if hasattr(tarfile, "data_filter"):
@@ -84,9 +99,9 @@ def _extract_into(archive: Path, dest: Path) -> None:
                 tar.extractall(dest, members=members)
     except DataError:
         raise
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(
-            f"{archive} is not a readable tar archive ({exc}); pass an intact .tar.gz or the folder"
+            f"{archive} is not a readable, intact tar archive ({type(exc).__name__}: {exc}); pass an intact .tar.gz or the folder"
         ) from exc
 
 
@@ -147,18 +162,26 @@ class FolderSplits:
     classes: list[str]
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of ``folder``; DataError on a dangling or looping symlink (it would be skipped silently)."""
+    out = []
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p} is a symlink that leads nowhere (dangling or looping); fix the link or remove it")
+        out.append(p)
+    return out
+
+
 def _list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (hidden and non-image files skipped), sorted by name."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return sorted(p for p in _entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _list_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of one split."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in _entries(split_dir) if p.is_dir())
 
 
 def scan_folder(
@@ -206,11 +229,27 @@ def scan_folder(
 
 
 def _open_image(path: Path, shown: str) -> Image.Image:
-    """Open and fully decode one image; DataError naming the file when it is unreadable."""
+    """Open and fully decode one image as 8-bit L or RGB; DataError naming the file when it is unreadable.
+
+    16-bit greyscale (PIL modes I;16*, and I with values up to 65535) is scaled to 8 bits (v/257),
+    not clipped; other high-depth modes (32-bit integer, float) are refused.
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy() if img.mode in ("L", "RGB") else img.convert("RGB")
+            if img.mode in ("L", "RGB"):
+                return img.copy()
+            if img.mode.startswith("I"):
+                arr = np.asarray(img).astype(np.int64)
+                if arr.min() < 0 or arr.max() > 65535:
+                    raise DataError(f"{shown} holds {img.mode} pixels from {arr.min()} to {arr.max()}, not 8 or 16 bits; "
+                                    "convert it to an 8- or 16-bit image")
+                return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
+            if img.mode == "F":
+                raise DataError(f"{shown} holds floating-point pixels; convert it to an 8- or 16-bit image")
+            return img.convert("RGB")
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
         raise DataError(
             f"{shown} cannot be decoded as an image ({type(exc).__name__}: {exc}); replace or remove it"

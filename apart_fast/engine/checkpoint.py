@@ -63,6 +63,10 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a file written by ``save``, verifying header, length and checksum first."""
     path = Path(path)
+    if path.is_dir():
+        inside = [f for f in ("model.pt", "checkpoint.pt") if (path / f).is_file()]
+        hint = f"pass {path / inside[0]}" if inside else "pass a model.pt or checkpoint.pt written by apart-fast train"
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a model.pt or checkpoint.pt written by apart-fast train")
     with open(path, "rb") as f:
