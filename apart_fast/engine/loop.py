@@ -601,7 +601,7 @@ def _position(run: Run) -> str:
     """Where the run stands, in words: 'step S (epoch E, step i of n)' or 'step S (the end of epoch E)'."""
     if run.step_in_epoch:
         return f"step {run.step_count} (epoch {run.epoch + 1}, step {run.step_in_epoch} of {len(run.loader)})"
-    return f"step {run.step_count} (the end of epoch {run.epoch})"
+    return f"step {run.step_count} (the end of epoch {run.epoch})" if run.epoch else f"step {run.step_count} (the start)"
 
 
 def _held(run: Run, out: Path) -> str:
@@ -626,12 +626,13 @@ def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = 
         raise NumericFaultError(f"the model holds non-finite weights or BatchNorm statistics after {_position(run)}, "
                                 "so it was not saved")
     state = run.state_dict()
+    if run.comm.is_main:
+        if best:
+            checkpoint.save(out / "model_best.pt", run.model_payload())
+        checkpoint.save(out / "checkpoint.pt", state)
     run.saved_at = (run.epoch, run.step_in_epoch, run.step_count)
     if not run.comm.is_main:
         return
-    if best:
-        checkpoint.save(out / "model_best.pt", run.model_payload())
-    checkpoint.save(out / "checkpoint.pt", state)
     if model_too:
         checkpoint.save(out / "model.pt", run.model_payload())
     drop_backup(out)
