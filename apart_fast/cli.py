@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -57,11 +58,26 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None
         if isinstance(default, bool) or f.type in ("bool", "bool | None"):
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.type in ("int", "int | None"):
-            p.add_argument(flag, dest=dest, type=int, default=default, help=help_)
+            p.add_argument(flag, dest=dest, type=integer, default=default, help=help_)
         elif f.type in ("float", "float | None"):
             p.add_argument(flag, dest=dest, type=float_or_fraction, default=default, help=help_)
         else:
             p.add_argument(flag, dest=dest, default=default, choices=CHOICES.get(f.name), help=help_)
+
+
+def integer(s: str) -> int:
+    """An integer, also written as a whole float such as 1e5 (the range is checked by Config.validate)."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except ValueError:
+        f = math.nan
+    if not math.isfinite(f) or not f.is_integer():
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (e.g. 50 or 1e3)")
+    return int(f)
 
 
 def float_or_fraction(s: str) -> float:
@@ -105,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
     e.add_argument("--eps", type=float_or_fraction, default=8 / 255)
     e.add_argument("--step", type=float_or_fraction, default=2 / 255)
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--restarts", type=int, default=1)
+    e.add_argument("--steps", type=integer, default=20)
+    e.add_argument("--restarts", type=integer, default=1)
     e.add_argument("--loss", choices=("ce", "cw", "both"), default="both")
-    e.add_argument("--n", type=int, default=None, help="evaluate the first N test examples only")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--n", type=integer, default=None, help="evaluate the first N test examples only")
+    e.add_argument("--batch-size", type=integer, default=256)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=integer, default=0)
     e.add_argument("--backend", default="auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -125,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
     d.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=integer, default=0)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as apart-fast --debug")

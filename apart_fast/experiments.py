@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from apart_fast.attacks import evaluate
-from apart_fast.config import ApartConfig, Config, ConfigError, check_budget
+from apart_fast.config import MAX_INT, ApartConfig, Config, ConfigError, check_budget
 from apart_fast.data import load_dataset
 from apart_fast.engine.checkpoint import CheckpointError
 
@@ -25,9 +25,10 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
     from apart_fast.engine.loop import check_backend, resolve_device
 
     check_budget("--eps", eps)
-    for flag, v, low in (("--n", n, 1), ("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1)):
-        if v is not None and v < low:
-            raise ConfigError(f"{flag} {v} must be at least {low}; pass a value >= {low}" +
+    for flag, v, low in (("--n", n, 1), ("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1),
+                         ("--seed", seed, 0)):
+        if v is not None and not low <= v <= MAX_INT:
+            raise ConfigError(f"{flag} {v} must be in [{low}, {MAX_INT}]; pass a value in that range" +
                               (" (or leave --n out for the whole test split)" if flag == "--n" else ""))
     dev = resolve_device(device)
     check_backend(backend, dev)

@@ -24,6 +24,7 @@ from apart_fast.data import load_dataset
 BAD_SETTINGS = [
     (["--final-eval-restarts", "0"], ["--final-eval-restarts 0", "positive"]),
     (["--log-interval", "100000000000"], ["--log-interval 100000000000", "too large"]),
+    (["--log-interval", "1e11"], ["--log-interval 100000000000", "too large"]),
     (["--seed", "-1"], ["--seed -1", "negative"]),
     (["--seed", str(2**40)], ["--seed 1099511627776", "too large"]),
     (["--backend", "nosuch"], ["--backend 'nosuch'", "choose one of"]),

@@ -158,15 +158,16 @@ def _other_size(tmp: Path) -> list[str]:
 
 # Evaluation input refused: (flags after --checkpoint <finished>/model.pt or a builder of them, needles).
 BAD_EVAL = [
-    (["--n", "-5"], ["--n -5 must be at least 1", "leave --n out"]),
-    (["--n", "0"], ["--n 0 must be at least 1"]),
-    (["--restarts", "0"], ["--restarts 0 must be at least 1"]),
+    (["--n", "-5"], ["--n -5 must be in [1, 2147483647]", "leave --n out"]),
+    (["--n", "0"], ["--n 0 must be in [1,"]),
+    (["--restarts", "0"], ["--restarts 0 must be in [1,"]),
+    (["--seed", "1e30"], ["--seed 1000000000000000019884624838656 must be in [0, 2147483647]"]),
     (["--backend", "cuda"], ["--backend cuda cannot run on cpu"]),
     (_other_size, ["was trained on 8x8 images", "has 16x16", "pass the dataset it was trained on"]),
 ]
 
 
-@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "backend", "size"])
+@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "seed", "backend", "size"])
 def test_bad_eval_exits_2(flags, needles, finished, tiny_data, tmp_path, capsys):
     data = ["--dataset", "imagefolder", "--data-dir", str(tiny_data)]
     flags = flags(tmp_path) if callable(flags) else [*data, *flags]
