@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=integer, default=0)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    debug = "show the traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug)
     for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as apart-fast --debug")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     parser.train_parser = t  # type: ignore[attr-defined]  # _given_flags reads the train options
     return parser
 

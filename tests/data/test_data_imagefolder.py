@@ -199,7 +199,7 @@ def test_not_an_archive_and_corrupt_archive(tmp_path: Path) -> None:
     _expect_error(tmp_path, txt, "is a file but not a .tar.gz")
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(b"not a tarball at all")
-    _expect_error(tmp_path, bad, "bad.tar.gz is not a readable tar archive")
+    _expect_error(tmp_path, bad, "bad.tar.gz is not a readable, intact tar archive")
 
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil_abs.txt", "train/../../evil.txt"])
