@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     numeric faults, an OSError such as a full disk, out of memory; the message names the checkpoint
     it left); 130/143 interrupted by SIGINT/SIGTERM (a checkpoint was written).
     """
-    import torch
-
-    from apart_fast.engine.faults import NumericFaultError, RunFailedError, TrainingInterrupted
+    from apart_fast.engine.faults import NumericFaultError, RunFailedError, TrainingInterrupted, is_out_of_memory
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -181,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         return _fail(args, err, f"cannot use{where} ({err.strerror or err}); check the path, its permissions and free "
                                 "disk space", 2)
-    except (MemoryError, torch.cuda.OutOfMemoryError) as err:
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
         return _fail(args, err, f"out of memory ({_one_line(err) or type(err).__name__}); lower --batch-size or "
                                 "use a device with more memory", 2)
 

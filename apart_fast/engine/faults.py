@@ -32,6 +32,14 @@ class RunFailedError(RuntimeError):
     """The run stopped midway on an OSError (a full disk, say) or out of memory; the message names the checkpoint it left."""
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` reports an exhausted host or device memory (torch's CPU allocator raises a plain RuntimeError)."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 class TrainingInterrupted(Exception):  # noqa: N818 - it is a normal outcome, not an error
     """SIGINT/SIGTERM stopped training after a checkpoint was written; ``exit_code`` is 130 or 143."""
 

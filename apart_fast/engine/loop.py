@@ -59,6 +59,7 @@ from apart_fast.engine.faults import (
     RunFailedError,
     StopSignals,
     TrainingInterrupted,
+    is_out_of_memory,
 )
 from apart_fast.engine.graphs import GraphStep
 from apart_fast.methods import DataInfo, Method, build_method
@@ -740,7 +741,9 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             evaluate_it = (f"; evaluate it with: apart-fast eval --checkpoint {out}/checkpoint.pt, or resume with a "
                            f"lower peak lr: apart-fast train --resume {out} --lr <lower>") if run.saved_at else ""
             raise NumericFaultError(f"{err}; {_held(run, out)}{evaluate_it}") from None
-        except (OSError, MemoryError, torch.cuda.OutOfMemoryError) as err:
+        except (OSError, MemoryError, RuntimeError) as err:
+            if not isinstance(err, OSError) and not is_out_of_memory(err):
+                raise
             what = f"{type(err).__name__}: {' '.join(str(err).split())}"
             resume_it = f"; fix the cause and resume with: apart-fast train --resume {out}" if run.saved_at else ""
             kept = _held(run, out) if out is not None else "no --out was given, so nothing was saved"

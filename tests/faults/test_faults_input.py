@@ -189,3 +189,12 @@ def test_gzip_stream_check_is_the_archive_not_its_name(tmp_path):
     (tmp_path / "junk.tar.gz").write_bytes(gzip.compress(io.BytesIO(b"x" * 5000).getvalue()))
     with pytest.raises(ValueError, match="not a readable, intact tar archive"):
         load_dataset("imagefolder", str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path / "c"))
+
+
+def test_unwritable_data_cache_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("APART_FAST_CACHE", str(tmp_path / "file" / "cache"))
+    rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(tmp_path / "new")], capsys)
+    assert rc == 2
+    assert_one_line(err, "cannot use", "Not a directory", "while loading imagefolder", "$APART_FAST_CACHE")
+    assert not (tmp_path / "new").exists()

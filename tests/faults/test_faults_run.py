@@ -132,18 +132,40 @@ def test_disk_full_midway_exits_1_naming_the_checkpoint_and_resumes(tiny_data, t
     assert checkpoint.load(out / "checkpoint.pt")["step_count"] == 8
 
 
-def test_out_of_memory_at_start_is_exit_2_and_debug_shows_the_traceback(tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 EiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 EiB")])
+def test_out_of_memory_at_start_is_exit_2_and_debug_shows_the_traceback(error, tiny_data, tmp_path, monkeypatch, capsys):
     def oom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 EiB")
+        raise error
 
     monkeypatch.setattr(loop, "build_model", oom)
     out = tmp_path / "run"
     rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(out)], capsys)
     assert rc == 2
-    assert_one_line(err, "out of memory (CUDA out of memory", "lower --batch-size")
+    assert_one_line(err, f"out of memory ({error}", "lower --batch-size")
     assert not out.exists()
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(type(error)):
         main(["train", *tiny_flags(tiny_data), "--out", str(out), "--debug"])
+
+
+def test_out_of_memory_midway_exits_1(tiny_data, tmp_path, monkeypatch, capsys):
+    def cpu_oom(method, step):  # noqa: ANN001, ANN202
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    poison_step(monkeypatch, 2, cpu_oom)
+    rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(tmp_path / "run")], capsys)
+    assert rc == 1
+    assert_one_line(err, "the run failed at step 1 (epoch 1, step 1 of 4)", "can't allocate memory",
+                    "no checkpoint was written")
+
+
+def test_other_runtime_errors_are_not_hidden(tiny_data, tmp_path, monkeypatch):
+    def bug(method, step):  # noqa: ANN001, ANN202
+        raise RuntimeError("a bug, not a user error")
+
+    poison_step(monkeypatch, 1, bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", *tiny_flags(tiny_data), "--out", str(tmp_path / "run")])
 
 
 @pytest.mark.parametrize("argv", [["train", "--backend", "nosuch", "--debug"], ["--debug", "train", "--backend", "nosuch"]])
