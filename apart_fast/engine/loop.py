@@ -132,7 +132,7 @@ def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None
         if not (path / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume {out}: no checkpoint.pt there to resume from; train without --resume first")
     else:
-        taken = [f for f in RUN_FILES if (path / f).exists()]
+        taken = [f for f in (*RUN_FILES, BACKUP) if (path / f).exists()]  # a backup: a run an --overwrite was replacing
         if taken and not overwrite:
             raise ConfigError(f"--out {out} already holds a run ({taken[0]}); pass --resume {out}, --overwrite, "
                               "or another --out")

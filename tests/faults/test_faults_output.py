@@ -88,10 +88,12 @@ def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
 
 def test_a_backup_left_by_a_killed_overwrite_is_the_run_kept(tmp_path):
     """kill -9 before the new run's first checkpoint leaves the old run in BACKUP and the new one's config.json:
-    the next --overwrite keeps the backup (the real run) and clears the rest."""
+    a new run without --overwrite is refused, and the next --overwrite keeps the backup (the real run) and clears the rest."""
     out = tmp_path / "run"
     (out / loop.BACKUP).mkdir(parents=True)
     (out / loop.BACKUP / "checkpoint.pt").write_text("old run")
+    with pytest.raises(ConfigError, match=f"already holds a run \\({loop.BACKUP}\\)"):
+        loop.check_out_dir(str(out), resume=False, overwrite=False)
     (out / "config.json").write_text("{}")
     loop.prepare_out_dir(str(out), resume=False, overwrite=True)
     assert snapshot(out) == {f"{loop.BACKUP}/checkpoint.pt": snapshot(out / loop.BACKUP)["checkpoint.pt"]}
