@@ -235,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
     res = train(cfg, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress,
                 changed=args.given if args.resume else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
-        print(json.dumps({k: v for k, v in res.items() if k not in ("model", "history")}, indent=2))
+        print(json.dumps({k: v for k, v in res.items() if k not in ("model", "model_ema", "history")}, indent=2))
     return 0
 
 

@@ -7,7 +7,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-METHODS = ("clean", "fgsm", "fgsm_rs", "free", "pgd", "apart")
+METHODS = ("clean", "fgsm", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apart")
 MODELS = ("preact18", "wrn34_10", "smallcnn")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -110,9 +110,14 @@ class Config:
     weight_decay: float = 2e-4
     pgd_steps: int = 10  # PGD-k training
     pgd_step: float = 2 / 255
-    fgsm_step: float | None = None  # None: eps for fgsm, 1.25*eps for fgsm_rs
+    fgsm_step: float | None = None  # None: eps for fgsm, 1.25*eps for fgsm_rs and gradalign
+    nfgsm_k: float = 2.0  # N-FGSM's noise: U(-k*eps, k*eps) (de Jorge et al. 2022 use k = 2)
+    nfgsm_step: float | None = None  # N-FGSM's sign step; None: eps (the paper's), no projection back to the eps-ball
+    gradalign_lambda: float = 0.2  # GradAlign's weight of 1 - cos(grad at x, grad at x + noise) (the paper's for eps 8/255)
     free_replays: int = 8  # Free's m; it runs ceil(epochs/m) passes over the data, m replays each
     apart: ApartConfig = field(default_factory=ApartConfig)
+    ema: float | None = None  # weight averaging: EMA decay (e.g. 0.999), evaluated and saved as model_ema.pt; None: off
+    ema_warmup: float = 10.0  # the n-th EMA update uses decay min(ema, n / (n + ema_warmup)); 0: the fixed decay throughout
     pad: int | None = None  # crop padding; None: the dataset's default (4 for 32x32)
     pad_mode: str = "constant"
     pad_value: float = 0.5  # fill of constant padding (the APART script uses 0.5)
@@ -173,6 +178,16 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; pass a value >= 0")
         if self.fgsm_step is not None and self.fgsm_step <= 0:
             raise ConfigError(f"--fgsm-step {self.fgsm_step} must be positive; pass a step > 0 or leave it unset (the default)")
+        for name in ("nfgsm_k", "nfgsm_step"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {v} must be positive; pass a value > 0 (or leave it at its default)")
+        if self.gradalign_lambda < 0:
+            raise ConfigError(f"--gradalign-lambda {self.gradalign_lambda} is negative; pass a weight >= 0 (0.2 is the paper's)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"--ema {self.ema} is not a decay in (0, 1); pass e.g. --ema 0.999, or leave it off")
+        if self.ema_warmup < 0:
+            raise ConfigError(f"--ema-warmup {self.ema_warmup} is negative; pass a value >= 0 (0: no warm-up)")
         a = self.apart
         for name in ("a_init", "a_in", "a_layer", "omega_std", "lr", "weight_decay"):
             if getattr(a, name) < 0:

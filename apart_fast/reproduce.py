@@ -1,4 +1,5 @@
-"""``apart-fast reproduce``: the paper's comparison (clean, FGSM, FGSM-RS, Free, PGD-10, APART) in one command.
+"""``apart-fast reproduce``: the paper's comparison (clean, FGSM, FGSM-RS, Free, PGD-10, APART) and today's fast
+competitors (N-FGSM, GradAlign) in one command; ``--ema DECAY`` also evaluates every method's weight average.
 
 Writes ``OUT/<method>/`` (one ``train`` run each, metrics.jsonl with the per-epoch probe), ``OUT/results.md``
 (the table), ``OUT/results.json`` and PNG figures: robust accuracy per epoch, the perturbation-strength
@@ -28,7 +29,8 @@ from apart_fast.data import ImageData, load_dataset
 from apart_fast.experiments import scaled_generator_lr, short_run_apart
 
 CIFAR_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
-LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "free": "Free", "pgd": "PGD-10", "apart": "APART",
+LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "gradalign": "GradAlign",
+          "free": "Free", "pgd": "PGD-10", "apart": "APART",
           "long_fgsm": "long FGSM", "long_apart": "long APART"}
 
 
@@ -91,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-epochs", type=int, help="epochs of the --long-fgsm runs (default: the preset's)")
     p.add_argument("--long-fgsm-step", type=float, default=1.0,
                    help="the long FGSM step in units of eps (default 1; from zero init any step >= 1 is the same run)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="also train an EMA of the weights (e.g. 0.999, with --ema-warmup) and evaluate it beside the last model")
+    p.add_argument("--ema-warmup", type=float, default=10.0, help="EMA warm-up W: decay min(DECAY, n/(n+W)) at update n")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="keep sub-runs in --out that already have results.json")
     p.add_argument("--force", action="store_true", help="run --preset paper even without a GPU")
@@ -111,6 +116,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts += ["--" + name.replace("_", "-"), str(v)]
     if args.eps is not None:
         parts += ["--eps", f"{args.eps * 255:g}/255"]
+    if args.ema is not None:
+        parts += ["--ema", f"{args.ema:g}", "--ema-warmup", f"{args.ema_warmup:g}"]
     if args.long_fgsm:
         parts += ["--long-fgsm", "--long-fgsm-step", f"{args.long_fgsm_step:g}"]
     if args.seed:
@@ -155,7 +162,8 @@ def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) 
 
 
 def method_config(method: str, preset: Preset, *, epochs: int, width: int, n_train: int, device: str, seed: int,
-                  data_dir: str | None, out: str | None, fgsm_step: float | None = None) -> Config:
+                  data_dir: str | None, out: str | None, fgsm_step: float | None = None, ema: float | None = None,
+                  ema_warmup: float = 10.0) -> Config:
     """The Config of one sub-run. APART's generator lr is scaled to the run's length (lr x steps = the script's);
     short-run presets also start its step sizes at eps/2 (``experiments.short_run_apart``)."""
     steps = epochs * (n_train // preset.batch_size)
@@ -163,7 +171,7 @@ def method_config(method: str, preset: Preset, *, epochs: int, width: int, n_tra
     return Config(method=method, dataset=preset.dataset, data_dir=data_dir, model=preset.model, width=width,
                   epochs=epochs, batch_size=preset.batch_size, eps=preset.eps, lr=preset.lr, eval_eps=preset.eps,
                   eval_n=preset.eval_n, eval_steps=preset.eval_steps, final_eval_steps=preset.final_eval_steps,
-                  device=device, seed=seed, out=out, fgsm_step=fgsm_step,
+                  device=device, seed=seed, out=out, fgsm_step=fgsm_step, ema=ema, ema_warmup=ema_warmup,
                   apart=apart)
 
 
@@ -189,6 +197,7 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
     else:
         res = train(cfg, overwrite=True, progress=progress, data=data)
         res.pop("model", None)
+        res.pop("model_ema", None)
     dev = torch.device(cfg.device)
     last = load_model(str(out / "model.pt")).to(dev)
     row: dict[str, Any] = {
@@ -200,6 +209,7 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
         "last_holdout_robust": res["history"][-1].get("holdout_robust_acc"),
         "test_n": res["test_n"], "history": res["history"], "passes_per_step": res["passes_per_step"],
         "data_passes_divisor": cfg.free_replays if cfg.method == "free" else 1,
+        "ema_clean_acc": res.get("ema_test_clean_acc"), "ema_pgd20_acc": res.get("ema_test_robust_acc"),
     }
     if res["best_epoch"] == res["epochs"] or not (out / "model_best.pt").exists():
         row["best_clean_acc"], row["best_pgd20_acc"] = row["clean_acc"], row["pgd20_acc"]
@@ -214,19 +224,62 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def standard_error(acc: float | None, n: int) -> float | None:
+    """Binomial standard error of an accuracy measured on ``n`` test images (the evaluation's noise, not the seed's)."""
+    if acc is None or n < 1:
+        return None
+    return (acc * (1 - acc) / n) ** 0.5
+
+
+def _pm(acc: float | None, n: int) -> str:
+    se = standard_error(acc, n)
+    return "n/a" if se is None else f"{acc:.3f} ± {se:.3f}"
+
+
+def within_noise(rows: list[dict[str, Any]], key: str = "pgd20_acc") -> list[str]:
+    """Each pair of rows whose ``key`` accuracies differ by less than twice the standard error of the difference
+    (sqrt(se_a^2 + se_b^2), test images treated as independent draws): differences the evaluation cannot resolve."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            va, vb = a.get(key), b.get(key)
+            if va is not None and vb is not None and indistinct(va, vb, a["test_n"]):
+                out.append(f"{LABELS.get(a['name'], a['name'])} vs {LABELS.get(b['name'], b['name'])} ({va:.3f} vs {vb:.3f})")
+    return out
+
+
+def indistinct(a: float, b: float, n: int) -> bool:
+    """Whether accuracies ``a`` and ``b`` on ``n`` test images each differ by less than 2 standard errors of the difference."""
+    return abs(a - b) < 2 * (standard_error(a, n) ** 2 + standard_error(b, n) ** 2) ** 0.5
+
+
 def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    """results.md: the comparison table, the long runs if any, and how it was measured."""
+    """results.md: the comparison table (± binomial standard error), the long runs if any, and how it was measured."""
     base = next((r["train_seconds"] for r in rows if r["name"] == "pgd"), None)
-    head = ("| method | clean | PGD-20 | CW PGD-20 | held-out PGD-10 best (epoch) | held-out PGD-10 last (epoch) "
-            "| best ckpt: clean / PGD-20 | train s | vs PGD-10 |\n|---|---|---|---|---|---|---|---|---|")
+    ema = any(r.get("ema_pgd20_acc") is not None for r in rows)
+    head = ("| method | clean | PGD-20 | CW PGD-20 | " + ("EMA clean | EMA PGD-20 | " if ema else "")
+            + "held-out PGD-10 best (epoch) | held-out PGD-10 last (epoch) | best ckpt: clean / PGD-20 | train s | vs PGD-10 |\n"
+            + "|---" * (11 if ema else 9) + "|")
     lines = [f"# Reproduce: preset {info['preset']}", "", head]
     for r in rows:
         rel = f"{r['train_seconds'] / base:.2f}x" if base else "n/a"
+        n = r["test_n"]
+        ema_cols = f"{_pm(r.get('ema_clean_acc'), n)} | {_pm(r.get('ema_pgd20_acc'), n)} | " if ema else ""
         lines.append(
-            f"| {LABELS.get(r['name'], r['name'])} | {_f(r['clean_acc'])} | {_f(r['pgd20_acc'])} | {_f(r['cw20_acc'])} "
-            f"| {_f(r['best_holdout_robust'])} ({r['best_epoch']}) | {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
+            f"| {LABELS.get(r['name'], r['name'])} | {_pm(r['clean_acc'], n)} | {_pm(r['pgd20_acc'], n)} | {_f(r['cw20_acc'])} "
+            f"| {ema_cols}{_f(r['best_holdout_robust'])} ({r['best_epoch']}) | {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
             f"| {_f(r['best_clean_acc'])} / {_f(r['best_pgd20_acc'])} | {r['train_seconds']:.1f} | {rel} |")
     s = info["settings"]
+    same = within_noise(rows)
+    lines += ["", "± is the binomial standard error sqrt(p(1-p)/n) over the n test images (one seed: seed-to-seed spread "
+                  "is not in it). PGD-20 differences within 2 standard errors of the difference (noise): "
+                  + ("; ".join(same) if same else "none") + "."]
+    if ema:
+        same = [f"{LABELS.get(r['name'], r['name'])} ({r['pgd20_acc']:.3f} vs {r['ema_pgd20_acc']:.3f})" for r in rows
+                if r.get("ema_pgd20_acc") is not None and r.get("pgd20_acc") is not None
+                and indistinct(r["ema_pgd20_acc"], r["pgd20_acc"], r["test_n"])]
+        lines += [f"EMA (decay {s['ema']:g}, warm-up {s['ema_warmup']:g}) against the last model, PGD-20 within noise: "
+                  + (", ".join(same) if same else "none") + "."]
     lines += [
         "",
         f"- Device: {info['device_name']} (`{info['device']}`), torch {info['torch']}.",
@@ -370,13 +423,16 @@ def run(args: argparse.Namespace) -> int:
                         "n_test": int(data.test_x.shape[0]), "model": preset.model, "width": width, "epochs": epochs,
                         "batch_size": preset.batch_size, "lr": preset.lr, "eps": preset.eps, "eval_n": preset.eval_n,
                         "long_epochs": long_epochs if args.long_fgsm else None,
-                        "long_fgsm_step_eps": args.long_fgsm_step if args.long_fgsm else None}
-    common = dict(width=width, n_train=n_train, device=device, seed=args.seed, data_dir=data_dir)
+                        "long_fgsm_step_eps": args.long_fgsm_step if args.long_fgsm else None,
+                        "ema": args.ema, "ema_warmup": args.ema_warmup}
+    common = dict(width=width, n_train=n_train, device=device, seed=args.seed, data_dir=data_dir, ema=args.ema,
+                  ema_warmup=args.ema_warmup)
     rows: list[dict[str, Any]] = []
     for m in methods:
         cfg = method_config(m, preset, epochs=epochs, out=str(out / m), **common)
         rows.append(run_one(m, cfg, data, resume=args.resume, progress=not args.no_progress))
-        print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {_f(rows[-1]['pgd20_acc'])}, "
+        ema = f", EMA PGD-20 {_f(rows[-1]['ema_pgd20_acc'])}" if args.ema is not None else ""
+        print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {_f(rows[-1]['pgd20_acc'])}{ema}, "
               f"{rows[-1]['train_seconds']:.0f} s", flush=True)
     long_rows: list[dict[str, Any]] = []
     if args.long_fgsm:

@@ -53,6 +53,7 @@ from apart_fast.config import RESUME_MAY_CHANGE, Config, ConfigError
 from apart_fast.data import DeviceLoader, ImageData, load_dataset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
+from apart_fast.engine.ema import WeightAverage
 from apart_fast.engine.faults import (
     FaultMonitor,
     NumericFaultError,
@@ -71,7 +72,7 @@ from apart_fast.step.optim import DeviceSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "results.json", "config.json")
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "model_ema.pt", "results.json", "config.json")
 BACKUP = "overwritten-run"  # --overwrite keeps the old run here until the new run's first checkpoint
 
 
@@ -310,6 +311,8 @@ class Run:
         replays = self.method.data_passes_divisor
         self.schedule = sched_cls(self.optimizer, steps * replays, cfg.lr, (cfg.momentum, cfg.momentum_low))
         self.method.attach(self.optimizer, self.schedule, steps)
+        # --ema: the average of the model after every step (ema.py), captured with the step where it is
+        self.ema = WeightAverage(self.model, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         g = torch.Generator().manual_seed(cfg.seed + 3)
         n_test = int(d.test_x.shape[0])
         self.holdout = torch.randperm(n_test, generator=g)[: min(cfg.eval_n, n_test)]
@@ -340,6 +343,8 @@ class Run:
         """
         mid = self.step_in_epoch > 0
         self.comm.average_buffers(self.model)
+        if self.ema is not None:
+            self.comm.average_buffers(self.ema.module)
         rank_states = self.comm.gather_objects(self.method.rank_state())
         return {
             "kind": "full",
@@ -363,6 +368,7 @@ class Run:
             "world": self.comm.world,
             "rank_states": rank_states,
             "data": self.data_info,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -408,23 +414,30 @@ class Run:
         self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
         if "precision" in state:
             self.precision.load_state_dict(state["precision"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise checkpoint.CheckpointError("checkpoint was written without --ema but its config asks for it; "
+                                                 "resume it with the apart_fast version that wrote it")
+            self.ema.load_state_dict(state["ema"])
         # Per-rank state (random-start generators, Free's perturbation): this rank's, when the
         # checkpoint was written by at least rank+1 processes; else the fresh per-rank seed stays.
         ranks = state.get("rank_states") or []
         if self.comm.world > 1 or len(ranks) > 1:
             self.method.load_rank_state(ranks[self.comm.rank] if self.comm.rank < len(ranks) else None)
 
-    def model_payload(self) -> dict[str, Any]:
-        """What ``load_model`` needs: the model's constructor config and weights, plus provenance."""
+    def model_payload(self, ema: bool = False) -> dict[str, Any]:
+        """What ``load_model`` needs: the model's constructor config and weights (``ema``: the averaged ones), plus provenance."""
+        model = self.ema.module if ema and self.ema is not None else self.model
         return {
             "kind": "model",
             "config": self.cfg.to_dict(),
             "model_name": self.cfg.model,
             "model_config": self.model_config,
-            "model": self.model.state_dict(),
+            "model": model.state_dict(),
             "method": self.cfg.method,
             "epoch": self.epoch,
             "data": self.data_info,
+            "averaged": ema,
         }
 
     def read_faults(self) -> None:
@@ -509,6 +522,8 @@ class Run:
         if ok is None:
             ok = torch.ones((), dtype=torch.bool, device=self.device)
         self.buffers.restore_unless(ok)
+        if self.ema is not None:
+            self.ema.update()  # a skipped step left the model as it was: averaging it in again is harmless
         fault = getattr(self.method, "step_fault", None)
         return m, ok, (~ok if fault is None else fault)
 
@@ -525,16 +540,18 @@ class Run:
         return agreed
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, steps: int, restarts: int = 1, loss: str = "ce",
-                 progress: bool = False) -> dict[str, Any]:
-        """Clean and PGD accuracy (float32, eval mode); several ranks evaluate a slice each and combine."""
+                 progress: bool = False, model: nn.Module | None = None) -> dict[str, Any]:
+        """Clean and PGD accuracy (float32, eval mode) of ``model`` (default the trained one); several ranks
+        evaluate a slice each and combine."""
         cfg, comm = self.cfg, self.comm
-        comm.average_buffers(self.model)  # every rank evaluates the same model
+        model = self.model if model is None else model
+        comm.average_buffers(model)  # every rank evaluates the same model
         if comm.distributed:
             x, y = x[comm.rank::comm.world], y[comm.rank::comm.world]
         if x.shape[0] == 0:
             ev: dict[str, Any] = {"clean_acc": 0.0, "robust_acc": 0.0 if steps else None, "n": 0}
         else:
-            ev = evaluate(self.model, x, y, batch_size=max(cfg.batch_size, 256), eps=cfg.eval_eps, step=cfg.eval_step,
+            ev = evaluate(model, x, y, batch_size=max(cfg.batch_size, 256), eps=cfg.eval_eps, step=cfg.eval_step,
                           steps=steps, restarts=restarts, loss=loss, device=self.device,
                           progress=progress and comm.is_main, seed=cfg.seed + 104729 * comm.rank, backend=cfg.backend)
         if not comm.distributed:
@@ -636,6 +653,8 @@ def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = 
         return
     if model_too:
         checkpoint.save(out / "model.pt", run.model_payload())
+        if run.ema is not None:
+            checkpoint.save(out / "model_ema.pt", run.model_payload(ema=True))
     drop_backup(out)
 
 
@@ -727,6 +746,10 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             ev = results.pop("_final")
             results.update(test_clean_acc=ev["clean_acc"], test_robust_acc=ev["robust_acc"], test_n=ev["n"],
                            eval=f"PGD-{cfg.final_eval_steps}x{cfg.final_eval_restarts}, eps {cfg.eval_eps:.4g}")
+            ema = results.pop("_final_ema", None)
+            if ema is not None:
+                results.update(ema_test_clean_acc=ema["clean_acc"], ema_test_robust_acc=ema["robust_acc"],
+                               ema_decay=cfg.ema, ema_warmup=cfg.ema_warmup)
             if out is not None and comm.is_main:
                 checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
         except KeyboardInterrupt:  # a second signal, or one during the final evaluation
@@ -749,6 +772,8 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             kept = _held(run, out) if out is not None else "no --out was given, so nothing was saved"
             raise RunFailedError(f"the run failed at {_position(run)} ({what}); {kept}{resume_it}") from err
     results["model"] = run.model
+    if run.ema is not None:
+        results["model_ema"] = run.ema.module
     return results
 
 
@@ -795,4 +820,7 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
     d = run.data
     results["_final"] = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps, restarts=cfg.final_eval_restarts,
                                      progress=progress)
+    if run.ema is not None:
+        results["_final_ema"] = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps,
+                                             restarts=cfg.final_eval_restarts, progress=progress, model=run.ema.module)
     return results

@@ -73,6 +73,11 @@ class Method:
         """Parameters beyond the model's that the model optimizer must also hold (usually none)."""
         return []
 
+    @property
+    def linf_bound(self) -> float:
+        """The largest L-inf distance of ``perturb``'s output from the clean input (eps; N-FGSM's exceeds it)."""
+        return self.cfg.eps
+
     def perturb(self, batch: Batch) -> Tensor:
         """The input this method trains on for ``batch`` (no parameter update)."""
         raise NotImplementedError
