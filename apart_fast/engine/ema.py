@@ -39,9 +39,10 @@ def ema_multi_avg_fn(decay: float, warmup: float) -> Callable[[list[Tensor], lis
             torch._foreach_copy_(ema, current)
             return
         n = n_averaged.to(torch.float32)  # >= 1: the first average is a copy
-        d = torch.clamp(n / (n + warmup), max=decay)  # warmup 0: n / n = 1, clamped to decay
+        # 1 - d = max(1 - decay, W / (n + W)), formed directly: 1 - d in float32 would lose ~1e-5 of it
+        w = torch.clamp(warmup / (n + warmup), min=1.0 - decay)
         diff = torch._foreach_sub(current, ema)
-        torch._foreach_mul_(diff, (1.0 - d).to(ema[0].dtype))
+        torch._foreach_mul_(diff, w.to(ema[0].dtype))
         torch._foreach_add_(ema, diff)
 
     return update
