@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     c = sub.add_parser("cost", help="seconds per step and epoch of each method against PGD-10 and clean",
                        description=f"example: {COST_EXAMPLE}")
-    c.add_argument("--methods", default="clean,fgsm_rs,free,pgd,apart", help=f"comma-separated, from {','.join(METHODS)}")
+    c.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all but fgsm)")
     c.add_argument("--model", default="preact18", choices=MODELS)
     c.add_argument("--width", type=int, default=16, help="first stage's channels (preact18: 64 is the paper's)")
     c.add_argument("--batch-size", type=int, default=128)
@@ -60,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each step in a CUDA graph (default: the engine's, on for CUDA where possible)")
     c.add_argument("--compile", action="store_true", help="torch.compile the model")
+    c.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="every method also updates a weight average (train --ema) after each step: its cost is in the times")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,18 +87,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from apart_fast.bench.cost import CostOptions, run_cost
+    from apart_fast.bench.cost import DEFAULT_METHODS, CostOptions, run_cost
 
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = CostOptions(
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model, width=args.width,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS),
+        model=args.model, width=args.width,
         batch_size=args.batch_size, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
         synthetic_n=args.synthetic_n, epoch_size=args.epoch_size, device=args.device, dtype=args.dtype,
         backend=args.backend, warmup=args.warmup, steps=args.steps, rounds=args.rounds, pgd_steps=args.pgd_steps,
         free_replays=args.free_replays, seed=args.seed, train_epochs=args.train_epochs, eval=args.eval,
         eval_n=args.eval_n, out=args.out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
-        compile=args.compile,
+        compile=args.compile, ema=args.ema,
     )
     result = run_cost(opts)
     print((Path(result["out"]) / "cost.md").read_text())

@@ -42,8 +42,9 @@ from apart_fast.data import Batch, ImageData, load_dataset
 
 # Benchmark precision -> the engine's --amp mode (autocast around the forward passes; fp16 loss-scaled).
 DTYPES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
-DEFAULT_METHODS = ("clean", "fgsm_rs", "free", "pgd", "apart")
-LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "free": "Free", "pgd": "PGD", "apart": "APART"}
+DEFAULT_METHODS = ("clean", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apart")
+LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "gradalign": "GradAlign", "free": "Free",
+          "pgd": "PGD", "apart": "APART"}
 
 
 @dataclass
@@ -75,6 +76,7 @@ class CostOptions:
     progress: bool = True
     cuda_graphs: bool | None = None  # None: the engine's default (on for CUDA where the method can be captured)
     compile: bool = False  # torch.compile the model
+    ema: float | None = None  # every method also updates a weight average with this decay after each step
 
     def validate(self) -> CostOptions:
         """Raise ConfigError on the first bad value."""
@@ -115,7 +117,7 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
-                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile).validate()
+                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile, ema=opts.ema).validate()
 
 
 class _Memory:
@@ -376,18 +378,21 @@ def _load() -> list[float] | None:
         return None
 
 
+# (method, reference) step-time ratios the project states: APART's cost claims, and N-FGSM costing what FGSM-RS costs
+CLAIMS = (("apart", "pgd"), ("apart", "clean"), ("nfgsm", "fgsm_rs"), ("gradalign", "fgsm_rs"))
+
+
 def claims(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """APART's step time relative to PGD-k's and to clean's (the project's cost claims)."""
+    """Step time of each ``CLAIMS`` method relative to its reference: medians, paired per round, fastest steps."""
     by = {r["method"]: r for r in rows}
-    a = by.get("apart")
     out: dict[str, float | None] = {}
-    for ref in ("pgd", "clean"):
-        b = by.get(ref)
-        out[f"apart_step_vs_{ref}"] = a["step_vs_" + ref] if a else None
+    for m, ref in CLAIMS:
+        a, b = by.get(m), by.get(ref)
+        out[f"{m}_step_vs_{ref}"] = a["s_per_step"] / b["s_per_step"] if a and b else None
         # fastest step against fastest step: what is left when other processes slow some steps down
-        out[f"apart_step_vs_{ref}_min"] = a["step_s"]["min"] / b["step_s"]["min"] if a and b else None
+        out[f"{m}_step_vs_{ref}_min"] = a["step_s"]["min"] / b["step_s"]["min"] if a and b else None
         # paired: median over rounds of the ratio of the two methods' medians in that round (timed seconds apart)
-        out[f"apart_step_vs_{ref}_paired"] = (
+        out[f"{m}_step_vs_{ref}_paired"] = (
             statistics.median(x / y for x, y in zip(a["round_medians"], b["round_medians"])) if a and b else None)
     return out
 
@@ -423,7 +428,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- memory: {result['memory']}",
         "",
         f"- CUDA graphs: {', '.join(r['label'] for r in rows if r.get('cuda_graphs')) or 'none'}; "
-        f"torch.compile: {'on' if o.get('compile') else 'off'}",
+        f"torch.compile: {'on' if o.get('compile') else 'off'}; weight averaging: "
+        + (f"EMA {o['ema']:g} updated after every step" if o.get("ema") is not None else "off"),
         "",
         "| method | passes/step | ms/step (median) | IQR ms | min-max ms | ms/update | images/s | s/epoch | x PGD (step) "
         "| x PGD (epoch) | x clean (step) | peak MiB |",
@@ -450,14 +456,15 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']} | {t['epochs']} | {t['train_seconds']:.1f} | {t['train_s_per_epoch']:.1f} "
                              f"| {t['test_clean_acc']:.4f} | {_acc(t['test_robust_acc'])} | {t['eval']} on {t['test_n']} |")
     c = result.get("claims", {})
-    if c.get("apart_step_vs_pgd") is not None or c.get("apart_step_vs_clean") is not None:
+    stated = [(m, ref) for m, ref in CLAIMS if c.get(f"{m}_step_vs_{ref}") is not None]
+    if stated:
         lines.append("")
-        for ref, label in (("pgd", f"PGD-{o['pgd_steps']}"), ("clean", "clean")):
-            k = f"apart_step_vs_{ref}"
-            if c.get(k) is not None:
-                lines.append(f"- APART step / {label} step: {_ratio(c[k])} (medians), "
-                             f"{_ratio(c[k + '_paired'])} (median over {o['rounds']} rounds of the per-round ratio), "
-                             f"{_ratio(c[k + '_min'])} (fastest steps)")
+    for m, ref in stated:
+        k = f"{m}_step_vs_{ref}"
+        label = f"PGD-{o['pgd_steps']}" if ref == "pgd" else LABELS[ref]
+        lines.append(f"- {LABELS[m]} step / {label} step: {_ratio(c[k])} (medians), "
+                     f"{_ratio(c[k + '_paired'])} (median over {o['rounds']} rounds of the per-round ratio), "
+                     f"{_ratio(c[k + '_min'])} (fastest steps)")
     return "\n".join(lines) + "\n"
 
 
