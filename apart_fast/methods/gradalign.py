@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 def alignment(g_clean: Tensor, g_noisy: Tensor) -> Tensor:
     """Mean per-example cosine between two input gradients over the examples where both are non-zero
     (0 when there are none); a boolean mask and a clamped count instead of indexing: no host sync."""
-    a, b = g_clean.flatten(1).float(), g_noisy.flatten(1).float()
+    dtype = torch.promote_types(g_noisy.dtype, torch.float32)  # fp16/bf16 gradients: cosine in float32
+    a, b = g_clean.flatten(1).to(dtype), g_noisy.flatten(1).to(dtype)
     na, nb = a.norm(dim=1), b.norm(dim=1)
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(dtype).tiny
     cos = ((a / na.clamp_min(tiny)[:, None]) * (b / nb.clamp_min(tiny)[:, None])).sum(1)
     keep = (na > 0) & (nb > 0)
     return torch.where(keep, cos, torch.zeros_like(cos)).sum() / keep.sum().clamp_min(1)
