@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="APART vs PGD-10 vs FGSM-RS vs clean on the bundled digits data (CPU)")
     d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--methods", default="clean,fgsm_rs,pgd,apart")
+    d.add_argument("--methods", default="clean,fgsm_rs,pgd,apart",
+                   help=f"comma-separated, from {','.join(METHODS)} (e.g. add nfgsm,gradalign for today's competitors)")
+    d.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="also evaluate each method's weight average (train --ema), e.g. 0.99 for the demo's short runs")
     d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
     d.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
     d.add_argument("--device", default="cpu")
@@ -254,7 +257,7 @@ def _demo(args: argparse.Namespace) -> int:
     from apart_fast.experiments import demo, format_table
 
     rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, ema=args.ema)
     print(format_table(rows))
     return 0
 

@@ -91,15 +91,17 @@ def demo_config(method: str, epochs: int, device: str, seed: int, n_train: int |
 
 
 def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 0,
-         out: str | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
+         out: str | None = None, overwrite: bool = False, ema: float | None = None) -> list[dict[str, Any]]:
     """Train each method on the bundled digits data and return one row per method; with ``out``, each
-    run goes to ``out/<method>``, which must not hold a run unless ``overwrite`` (checked for all first)."""
+    run goes to ``out/<method>``, which must not hold a run unless ``overwrite`` (checked for all first).
+    With ``ema``, also the weight average's accuracies."""
     from apart_fast.engine.loop import check_out_dir, train
 
     data = load_dataset("digits", seed=seed)
     configs = []
     for m in methods:
         cfg = demo_config(m, epochs, device, seed, n_train=int(data.train_x.shape[0]))
+        cfg.ema = ema
         if out is not None:
             cfg.out = os.path.join(out, m)
             check_out_dir(cfg.out, resume=False, overwrite=overwrite)
@@ -108,7 +110,8 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
     for m, cfg in zip(methods, configs):
         res = train(cfg, overwrite=overwrite, progress=True, data=data)
         rows.append({"method": m, "clean_acc": res["test_clean_acc"], "robust_acc": res["test_robust_acc"],
-                     "seconds": res["train_seconds"], "eval": res["eval"], "device": res["device"]})
+                     "seconds": res["train_seconds"], "eval": res["eval"], "device": res["device"],
+                     "ema_clean_acc": res.get("ema_test_clean_acc"), "ema_robust_acc": res.get("ema_test_robust_acc")})
     base = next((r["seconds"] for r in rows if r["method"] == "pgd"), None)
     for r in rows:
         r["vs_pgd10"] = r["seconds"] / base if base else None
@@ -116,11 +119,14 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: method, clean acc, PGD-20 acc, training seconds, cost relative to PGD-10."""
-    lines = ["| method | clean acc | PGD-20 acc | train s | cost vs PGD-10 |", "|---|---|---|---|---|"]
+    """A markdown table: method, clean acc, PGD-20 acc (and the weight average's), training seconds, cost relative to PGD-10."""
+    ema = any(r.get("ema_robust_acc") is not None for r in rows)
+    lines = ["| method | clean acc | PGD-20 acc | " + ("EMA clean acc | EMA PGD-20 acc | " if ema else "")
+             + "train s | cost vs PGD-10 |", "|---" * (7 if ema else 5) + "|"]
     for r in rows:
         rel = f"{r['vs_pgd10']:.2f}x" if r.get("vs_pgd10") is not None else "n/a"
-        lines.append(f"| {r['method']} | {r['clean_acc']:.3f} | {r['robust_acc']:.3f} | {r['seconds']:.1f} | {rel} |")
+        avg = f"{r['ema_clean_acc']:.3f} | {r['ema_robust_acc']:.3f} | " if ema else ""
+        lines.append(f"| {r['method']} | {r['clean_acc']:.3f} | {r['robust_acc']:.3f} | {avg}{r['seconds']:.1f} | {rel} |")
     dev = rows[0]["device"] if rows else "?"
     name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "CPU"
     return "\n".join(lines) + f"\n\nDevice: {name}; evaluation {rows[0]['eval'] if rows else ''} on the test split."

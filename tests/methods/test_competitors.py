@@ -114,3 +114,11 @@ def test_gradalign_step_takes_the_regulariser_into_the_update(images, make):
         method.step(next(iter(loader)))
         after.append([p.detach().clone() for p in method.model.parameters()])
     assert any(not torch.equal(a, b) for a, b in zip(*after))
+
+
+def test_demo_runs_the_competitors_with_the_average(capsys):
+    from apart_fast.cli import main
+
+    assert main(["demo", "--epochs", "1", "--methods", "nfgsm,gradalign", "--ema", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "| nfgsm |" in out and "| gradalign |" in out and "EMA PGD-20 acc" in out
