@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apart_fast.step.guard import grads_of
 from apart_fast.methods.fgsm import FGSMRS
+from apart_fast.step.guard import grads_of
 
 if TYPE_CHECKING:
     from apart_fast.data import Batch
