@@ -63,7 +63,8 @@ PRESETS: dict[str, Preset] = {
     # eps 8/255, full test set. Needs a GPU (~hours of CPU per epoch).
     "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 8 / 255, None, None, 1000, 10, 20, 60, METHODS,
                     CIFAR_JPEG, needs_gpu=True),
-    # The reduced CPU setting (2 cores, < 1 hour for all six methods): CIFAR-10 (JPEG), a random 4,000-image
+    # The reduced CPU setting (2 cores, < 1 hour for the paper's six methods on an idle VM; N-FGSM costs what FGSM-RS does and
+    # GradAlign ~2.5-3x that, measured on a loaded VM): CIFAR-10 (JPEG), a random 4,000-image
     # training subset, PreAct ResNet-18 of width 8 (1/64 of the paper's FLOPs), 8 epochs of batch 128
     # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 held-out test images; final PGD-20
     # and CW PGD-20 on a random 500-image test subset. --long-fgsm adds 20-epoch FGSM and APART runs.
