@@ -10,12 +10,13 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, RESUME_MAY_CHANGE, ApartConfig, Config, ConfigError
 from apart_fast.engine.loop import BACKUP
+from apart_fast.experiments import ATTACKS
 
 # Help for fields whose comment in config.py is not enough on its own.
 HELP = {
@@ -114,21 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"replace the run already in --out (kept in --out/{BACKUP}/ until the new run's first checkpoint)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="clean, PGD and CW-loss PGD accuracy of a checkpoint")
+    e = sub.add_parser("eval", help="clean, PGD, CW-loss PGD and AutoAttack accuracy of a checkpoint; sanity checks; "
+                                    "robustness curves")
     e.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by apart-fast train")
     e.add_argument("--dataset", default="digits", choices=DATASETS)
     e.add_argument("--data-dir")
     e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
+    e.add_argument("--attack", choices=ATTACKS, default="pgd",
+                   help="pgd: PGD with --loss; cw: CW-loss PGD; autoattack: standard L-inf AutoAttack (needs "
+                        "pip install 'apart_fast[eval]'); all: CE PGD, CW PGD and AutoAttack (default pgd)")
     e.add_argument("--eps", type=float_or_fraction, default=8 / 255)
     e.add_argument("--step", type=float_or_fraction, default=2 / 255)
     e.add_argument("--steps", type=integer, default=20)
     e.add_argument("--restarts", type=integer, default=1)
-    e.add_argument("--loss", choices=("ce", "cw", "both"), default="both")
-    e.add_argument("--n", type=integer, default=None, help="evaluate the first N test examples only")
-    e.add_argument("--batch-size", type=integer, default=256)
+    e.add_argument("--loss", choices=("ce", "cw", "both"), default="both", help="PGD's loss for --attack pgd")
+    e.add_argument("--aa-steps", type=integer, default=100,
+                   help="iterations of AutoAttack's APGD-CE, APGD-T and FAB-T (default 100, the standard version's; "
+                        "torchattacks' own default is 10)")
+    e.add_argument("--square-queries", type=integer, default=5000, help="AutoAttack's Square queries (default 5000)")
+    e.add_argument("--n", type=integer, default=None, help="evaluate a seeded random subset of N test points")
+    e.add_argument("--batch-size", type=integer, default=None, help="default: sized to the device")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=integer, default=0)
     e.add_argument("--backend", default="auto")
+    e.add_argument("--sanity", action="store_true",
+                   help="run the gradient-masking checks instead (large eps, more steps/restarts, black-box Square, "
+                        "FGSM, AutoAttack gap), each PASS/FAIL with its numbers")
+    e.add_argument("--curve", action="store_true",
+                   help="write accuracy against eps and against PGD steps to OUT/robustness_curve.json and .png")
+    e.add_argument("--out", help="folder for --curve's files (default: the checkpoint's folder)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     for name, module, help_ in EXTENSIONS:
@@ -158,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     (``--debug`` shows it).
 
     Exit codes: 0 done; 2 bad input or a failed start (config, data, checkpoint, output folder,
-    backend, out of memory before training: nothing written); 1 the run failed midway (repeated
+    backend, a missing extra, out of memory before training: nothing written); 1 the run failed midway (repeated
     numeric faults, an OSError such as a full disk, out of memory; the message names the checkpoint
     it left); 130/143 interrupted by SIGINT/SIGTERM (a checkpoint was written).
     """
+    from apart_fast.attacks.autoattack import MissingExtraError
     from apart_fast.engine.faults import NumericFaultError, RunFailedError, TrainingInterrupted, is_out_of_memory
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (NumericFaultError, RunFailedError) as err:
         return _fail(args, err, _one_line(err), 1)
-    except ValueError as err:  # ConfigError, DataError, CheckpointError
+    except (ValueError, MissingExtraError) as err:  # ConfigError, DataError, CheckpointError; a missing [eval] extra
         return _fail(args, err, _one_line(err), 2)
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
@@ -195,6 +212,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         args.given = _given_flags(argv)
         return _train(args)
     if args.command == "eval":
+        args.argv = argv
         return _eval(args)
     if args.command == "demo":
         return _demo(args)
@@ -243,13 +261,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from apart_fast.experiments import evaluate_checkpoint
+    from apart_fast import experiments
 
-    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                              eps=args.eps, step=args.step, steps=args.steps, restarts=args.restarts, loss=args.loss,
-                              n=args.n, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                              backend=args.backend)
-    print(json.dumps(res, indent=2) if args.json else _kv_table(res))
+    common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, n=args.n, device=args.device,
+                  seed=args.seed)
+    if args.sanity or args.curve:
+        return experiments.eval_report(args.checkpoint, sanity=args.sanity, curve=args.curve, eps=args.eps,
+                                       step=args.step, batch_size=args.batch_size, backend=args.backend,
+                                       aa_steps=args.aa_steps, square_queries=args.square_queries, out=args.out,
+                                       command=shlex.join(["apart-fast", *args.argv]), as_json=args.json,
+                                       progress=not args.no_progress, **common)
+    res = experiments.evaluate_checkpoint(args.checkpoint, eps=args.eps, step=args.step, steps=args.steps,
+                                          restarts=args.restarts, loss=args.loss, attack=args.attack,
+                                          batch_size=args.batch_size, backend=args.backend, aa_steps=args.aa_steps,
+                                          square_queries=args.square_queries, progress=not args.no_progress, **common)
+    print(json.dumps(res, indent=2) if args.json else experiments.format_eval(res))
     return 0
 
 
@@ -260,10 +286,6 @@ def _demo(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite, ema=args.ema)
     print(format_table(rows))
     return 0
-
-
-def _kv_table(d: dict[str, Any]) -> str:
-    return "\n".join(f"{k:>16}: {v}" for k, v in d.items())
 
 
 if __name__ == "__main__":

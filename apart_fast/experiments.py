@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from apart_fast.attacks import evaluate
 from apart_fast.config import MAX_INT, ApartConfig, Config, ConfigError, check_budget
 from apart_fast.data import load_dataset
 from apart_fast.engine.checkpoint import CheckpointError
@@ -15,21 +16,27 @@ from apart_fast.engine.checkpoint import CheckpointError
 SCRIPT_STEPS = 30 * 391  # length of the APART script's run, for which its generator lr 5e-8 was tuned
 
 
-def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
-                        eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20, restarts: int = 1,
-                        loss: str = "both", n: int | None = None, batch_size: int = 256, device: str = "cpu",
-                        seed: int = 0, backend: str = "auto") -> dict[str, Any]:
-    """Clean, PGD (CE) and CW-loss PGD accuracy of a checkpoint on a dataset's test split, in eval mode."""
+ATTACKS = ("pgd", "cw", "autoattack", "all")
+
+
+def check_ranges(*flags: tuple[str, int | None, int]) -> None:
+    """One-line ConfigError for an integer flag outside ``[low, MAX_INT]`` (None: not given)."""
+    for flag, v, low in flags:
+        if v is not None and not low <= v <= MAX_INT:
+            raise ConfigError(f"{flag} {v} must be in [{low}, {MAX_INT}]; pass a value in that range" +
+                              (" (or leave --n out for the whole test split)" if flag == "--n" else ""))
+
+
+def load_for_eval(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
+                  n: int | None = None, device: str = "cpu", seed: int = 0,
+                  backend: str = "auto") -> tuple[torch.nn.Module, Tensor, Tensor, dict[str, Any]]:
+    """The checkpoint's model on ``device`` and the test split (a seeded random ``n``-point subset when ``n`` is
+    smaller: test splits are often class-sorted), with a description of both for the report."""
     from apart_fast import model_from_payload
     from apart_fast.engine import checkpoint
     from apart_fast.engine.loop import check_backend, resolve_device
 
-    check_budget("--eps", eps)
-    for flag, v, low in (("--n", n, 1), ("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1),
-                         ("--seed", seed, 0)):
-        if v is not None and not low <= v <= MAX_INT:
-            raise ConfigError(f"{flag} {v} must be in [{low}, {MAX_INT}]; pass a value in that range" +
-                              (" (or leave --n out for the whole test split)" if flag == "--n" else ""))
+    check_ranges(("--n", n, 1), ("--seed", seed, 0))
     dev = resolve_device(device)
     check_backend(backend, dev)
     payload = checkpoint.load(path, map_location="cpu")
@@ -49,19 +56,128 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
         _, h, w = trained_on["shape"]
         raise CheckpointError(f"{path} was trained on {h}x{w} images; {dataset} has {data.image_size[0]}x{data.image_size[1]}: "
                               "pass the dataset it was trained on (or one of the same image size)")
-    net = net.to(dev)
     x, y = data.test_x, data.test_y
-    if n is not None:
-        x, y = x[:n], y[:n]
-    res: dict[str, Any] = {"checkpoint": path, "model": name, "dataset": dataset, "n": int(x.shape[0]),
-                           "eps": eps, "attack": f"PGD-{steps}, step {step:.4g}, {restarts} restart(s)"}
-    losses = ("ce", "cw") if loss == "both" else (loss,)
-    for lo in losses:
+    total = int(x.shape[0])
+    points = "all"
+    if n is not None and n < total:
+        idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 17))[:n].sort().values
+        x, y = x[idx], y[idx]
+        points = f"seeded random subset (seed {seed})"
+    meta = {"checkpoint": path, "model": name, "width": kw.get("width"), "dataset": dataset, "n": int(x.shape[0]),
+            "test_points": points, "device": str(dev)}
+    return net.to(dev), x, y, meta
+
+
+def standard_error(acc: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` points."""
+    return (acc * (1.0 - acc) / n) ** 0.5 if n > 0 else float("nan")
+
+
+def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
+                        eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20, restarts: int = 1,
+                        loss: str = "both", attack: str = "pgd", n: int | None = None, batch_size: int | None = None,
+                        device: str = "cpu", seed: int = 0, backend: str = "auto", aa_steps: int = 100,
+                        square_queries: int = 5000, progress: bool = True) -> dict[str, Any]:
+    """Clean accuracy and the chosen attacks' accuracy of a checkpoint on a dataset's test split, in eval mode.
+
+    ``attack``: ``pgd`` (PGD with ``loss``: ce, cw or both), ``cw`` (CW-loss PGD), ``autoattack`` (standard
+    L-inf AutoAttack, needs the ``[eval]`` extra) or ``all`` (CE PGD, CW PGD and AutoAttack). Each accuracy
+    comes with its standard error and the attack's exact settings.
+    """
+    from apart_fast.attacks import evaluate, evaluate_autoattack
+    from apart_fast.attacks.autoattack import _torchattacks
+
+    check_budget("--eps", eps)
+    check_ranges(("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1),
+                 ("--aa-steps", aa_steps, 1), ("--square-queries", square_queries, 1))
+    if attack not in ATTACKS:
+        raise ValueError(f"--attack {attack!r} is unknown; choose from {', '.join(ATTACKS)}")
+    if attack in ("autoattack", "all"):
+        _torchattacks()  # the install hint before any data is loaded
+    net, x, y, res = load_for_eval(path, dataset=dataset, data_dir=data_dir, model=model, n=n, device=device,
+                                   seed=seed, backend=backend)
+    res["eps"] = eps
+    res["settings"] = {}
+    losses = {"pgd": ("ce", "cw") if loss == "both" else (loss,), "cw": ("cw",), "autoattack": (), "all": ("ce", "cw")}
+    for lo in losses[attack]:
         ev = evaluate(net, x, y, batch_size=batch_size, eps=eps, step=step, steps=steps, restarts=restarts, loss=lo,
-                      device=dev, progress=True, seed=seed, backend=backend)
+                      progress=progress, seed=seed, backend=backend)
         res["clean_acc"] = ev["clean_acc"]
         res[f"pgd_{lo}_acc"] = ev["robust_acc"]
+        res[f"pgd_{lo}_se"] = standard_error(ev["robust_acc"], res["n"])
+        res["settings"][f"pgd_{lo}"] = {"attack": f"PGD-{steps}", "loss": lo, "eps": eps, "step": step,
+                                        "steps": steps, "restarts": restarts, "random_start": True, "seed": seed,
+                                        "model_mode": "eval"}
+    if attack in ("autoattack", "all"):
+        ev = evaluate_autoattack(net, x, y, eps, steps=aa_steps, seed=seed, batch_size=batch_size or 256,
+                                 square_queries=square_queries, progress=progress)
+        res["clean_acc"] = ev["clean_acc"]
+        res["autoattack_acc"] = ev["robust_acc"]
+        res["autoattack_se"] = standard_error(ev["robust_acc"], res["n"])
+        res["settings"]["autoattack"] = {**ev["settings"], "model_mode": "eval"}
+    res["clean_se"] = standard_error(res["clean_acc"], res["n"])
     return res
+
+
+def format_eval(res: dict[str, Any]) -> str:
+    """The evaluation as a small table: one row per accuracy with its standard error, then the settings."""
+    head = (f"{res['model']} ({res['checkpoint']}) on {res['dataset']}: {res['n']} test points ({res['test_points']}), "
+            f"eps {res['eps'] * 255:.3g}/255, device {res['device']}")
+    rows = [("clean", res["clean_acc"], res["clean_se"])]
+    names = {"pgd_ce": "PGD (CE)", "pgd_cw": "PGD (CW)", "autoattack": "AutoAttack"}
+    rows += [(names[k], res[f"{k}_acc"], res[f"{k}_se"]) for k in names if f"{k}_acc" in res]
+    lines = [head, "", "| attack | accuracy | std. error |", "|---|---|---|"]
+    lines += [f"| {a} | {v:.4f} | {se:.4f} |" for a, v, se in rows]
+    lines += ["", "settings:"] + [f"  {k}: {json.dumps(v)}" for k, v in res["settings"].items()]
+    return "\n".join(lines)
+
+
+def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir: str | None = None,
+                model: str | None = None, n: int | None = None, device: str = "cpu", seed: int = 0,
+                eps: float = 8 / 255, step: float = 2 / 255, batch_size: int | None = None, backend: str = "auto",
+                aa_steps: int = 100, square_queries: int = 5000, out: str | None = None, command: str = "",
+                as_json: bool = False, progress: bool = True) -> int:
+    """``eval --sanity`` and/or ``--curve`` on a checkpoint: print the checks; write the curve's JSON and PNG."""
+    from pathlib import Path
+
+    from apart_fast.attacks import format_checks, plot_curves, robustness_curve, sanity_checks
+    from apart_fast.attacks.autoattack import _torchattacks
+    from apart_fast.reproduce import device_name
+
+    check_budget("--eps", eps)
+    check_ranges(("--batch-size", batch_size, 1), ("--aa-steps", aa_steps, 1), ("--square-queries", square_queries, 1))
+    if sanity:
+        _torchattacks()
+    net, x, y, meta = load_for_eval(path, dataset=dataset, data_dir=data_dir, model=model, n=n, device=device,
+                                    seed=seed, backend=backend)
+    report: dict[str, Any] = {**meta, "eps": eps, "command": command, "device_name": device_name(meta["device"])}
+    if curve:
+        folder = Path(out) if out is not None else Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        c = robustness_curve(net, x, y, eps, batch_size=batch_size or 256, seed=seed, backend=backend,
+                             progress=progress)
+        report["curve"] = c
+        title = (f"{meta['model']} (width {meta['width']}) on {dataset}, {meta['n']} test points: "
+                 f"PGD accuracy ({Path(path).name})")
+        footer = f"device: {report['device_name']}  |  {command}"
+        plot_curves({meta["model"]: c}, folder / "robustness_curve.png", title=title, footer=footer)
+        (folder / "robustness_curve.json").write_text(json.dumps(report, indent=2))
+        report["files"] = [str(folder / "robustness_curve.json"), str(folder / "robustness_curve.png")]
+    if sanity:
+        report["sanity"] = sanity_checks(net, x, y, eps, step=step, seed=seed, batch_size=batch_size or 256,
+                                         aa_steps=aa_steps, square_queries=square_queries, backend=backend,
+                                         progress=progress)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if curve:
+        c = report["curve"]
+        print("eps (x/255): " + "  ".join(f"{e * 255:.3g}:{a:.3f}" for e, a in zip(c["eps_values"], c["eps_acc"])))
+        print("PGD steps:   " + "  ".join(f"{k}:{a:.3f}" for k, a in zip(c["steps_values"], c["steps_acc"])))
+        print(f"wrote {', '.join(report['files'])}")
+    if sanity:
+        print(format_checks(report["sanity"]))
+    return 0
 
 
 def scaled_generator_lr(steps: int) -> float:

@@ -105,6 +105,82 @@ def _random_start(x: Tensor, eps: float, generator: torch.Generator | None) -> T
     return torch.clamp(x + (2.0 * u - 1.0) * eps, 0.0, 1.0)
 
 
+class PGDLoop:
+    """PGD from a given start: ``steps`` sign steps (``ops.pgd_step``), then the final loss and whether it fools.
+
+    With ``graphs`` (CUDA tensors only) each input shape is captured once as a CUDA graph, after two
+    warm-up runs on a side stream, and replayed for every later batch of that shape; otherwise the
+    same ``body`` runs eagerly. Both run in fp32 (autocast off). The graph's outputs are static
+    tensors, overwritten by the next call: the caller consumes them first (``_pgd`` does).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, eps: float, step: float, steps: int, backend: str,
+                 graphs: bool = False) -> None:
+        self.model, self.loss_fn, self.eps, self.step, self.steps, self.backend = model, loss_fn, eps, step, steps, backend
+        self.graphs = graphs
+        self.captures = 0  # graphs captured so far: one per distinct batch shape
+        self._cache: dict[tuple, tuple[Any, tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
+        self._pool: Any = None
+
+    def body(self, x: Tensor, y: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_adv, loss per example, fooled per example)`` after ``steps`` steps from ``x0``."""
+        x_adv = x0.detach()
+        with torch.autocast(x.device.type, enabled=False):
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    total = self.loss_fn(self.model(x_adv), y).sum()
+                    (g,) = torch.autograd.grad(total, x_adv)
+                x_adv = ops.pgd_step(x_adv.detach(), x, g, self.step, self.eps, backend=self.backend).detach()
+            with torch.no_grad():
+                logits = self.model(x_adv)
+                return x_adv, self.loss_fn(logits, y), logits.argmax(dim=1) != y
+
+    def __call__(self, x: Tensor, y: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``body(x, y, x0)``: replayed from this shape's graph when graphs are on, else run eagerly."""
+        if not (self.graphs and x.is_cuda):
+            return self.body(x, y, x0)
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._cache:
+            self._cache[key] = self._capture(x, y, x0)
+        graph, (sx, sy, s0), outs = self._cache[key]
+        sx.copy_(x)
+        sy.copy_(y)
+        s0.copy_(x0)
+        graph.replay()
+        return outs
+
+    def _capture(self, x: Tensor, y: Tensor, x0: Tensor) -> tuple[Any, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Static copies of the inputs, two warm-up runs on a side stream, then one captured ``body``."""
+        static = (x.clone(), y.clone(), x0.clone())
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # cuDNN picks its algorithms and autograd allocates its buffers outside the capture
+                self.body(*static)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):  # every shape's graph shares one memory pool
+            outs = self.body(*static)
+        self._pool = graph.pool()
+        self.captures += 1
+        return graph, static, outs
+
+
+@contextmanager
+def strict_fp32(device: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 off for matmuls and convolutions inside the block (restored after): attacks run in true fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _pgd(
     model: nn.Module,
     x: Tensor,
@@ -117,29 +193,23 @@ def _pgd(
     random_start: bool,
     generator: torch.Generator | None,
     backend: str,
+    loop: PGDLoop | None = None,
 ) -> Tensor:
-    """Unchecked PGD core; the model is assumed to be in eval mode already."""
+    """Unchecked PGD core; the model is assumed to be in eval mode already. ``loop`` (built here when None)
+    runs the steps; the random starts are drawn eagerly from ``generator``, so graphs change no number."""
+    loop = PGDLoop(model, loss_fn, eps, step, steps, backend) if loop is None else loop
     x = x.detach()
     best = x.clone()
     best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     best_loss = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
     bshape = (-1,) + (1,) * (x.ndim - 1)
     for _ in range(restarts):
-        x_adv = _random_start(x, eps, generator) if random_start else x.clone()
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                total = loss_fn(model(x_adv), y).sum()
-                (g,) = torch.autograd.grad(total, x_adv)
-            x_adv = ops.pgd_step(x_adv.detach(), x, g, step, eps, backend=backend).detach()
-        with torch.no_grad():
-            logits = model(x_adv)
-            cur_loss = loss_fn(logits, y).to(best_loss.dtype)
-            fooled = logits.argmax(dim=1) != y
+        x0 = _random_start(x, eps, generator) if random_start else x
+        x_adv, cur_loss, fooled = loop(x, y, x0)
         # Keep a misclassifying perturbation once found; among non-misclassifying ones, the highest loss.
-        better = (fooled & ~best_fooled) | (~fooled & ~best_fooled & (cur_loss > best_loss))
+        better = (fooled & ~best_fooled) | (~fooled & ~best_fooled & (cur_loss.to(best_loss.dtype) > best_loss))
         best = torch.where(better.view(bshape), x_adv, best)
-        best_loss = torch.where(better, cur_loss, best_loss)
+        best_loss = torch.where(better, cur_loss.to(best_loss.dtype), best_loss)
         best_fooled = best_fooled | fooled
     return best
 
@@ -180,12 +250,36 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+CPU_BATCH = 256  # PGD-20 images/s on the CPU is flat from 128 up (README, "Evaluation speed")
+GPU_MEMORY_SHARE = 0.5  # of the free device memory one evaluation batch may take
+GPU_MAX_BATCH = 4096
+
+
+def auto_batch_size(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
+    """Evaluation batch size for ``device``: ``CPU_BATCH`` on the CPU; on CUDA the largest power of two whose
+    PGD step (forward and input gradient, measured at batch 32) fits in half the free memory, at most 4096."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    probe = 32
+    x = torch.rand((probe, *image_shape), device=device, requires_grad=True)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with eval_mode(model), torch.enable_grad():
+        torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+    per_image = max((torch.cuda.max_memory_allocated(device) - base) / probe, 1.0)
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * GPU_MEMORY_SHARE / per_image)
+    size = 1 << max(fit.bit_length() - 1, 0)
+    return max(min(size, GPU_MAX_BATCH), 1)
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     eps: float = 8 / 255,
     step: float = 2 / 255,
     steps: int = 20,
@@ -195,19 +289,24 @@ def evaluate(
     progress: bool = False,
     seed: int = 0,
     backend: str = "auto",
+    random_start: bool = True,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Clean and PGD accuracy of ``model`` on ``(x, y)``, batch by batch, in eval mode.
 
     ``x`` is uint8 (N, C, H, W) (scaled by 1/255 per batch on the device) or float in [0, 1].
     ``device`` defaults to the model's; the model itself is not moved. ``steps=0`` evaluates clean
     accuracy only (``robust_acc`` is None). Returns ``{"clean_acc": float, "robust_acc": float | None, "n": int}``.
-    The random starts come from a generator seeded with ``seed``, so results are reproducible.
+    The random starts come from a generator seeded with ``seed``, so results are reproducible;
+    ``random_start=False`` starts at ``x`` (FGSM is ``steps=1, step=eps, random_start=False``).
+    ``batch_size`` None sizes batches to the device (``auto_batch_size``). On CUDA the PGD steps run as
+    one captured graph per batch shape (``PGDLoop``; ``cuda_graphs=False`` runs them eagerly), in fp32.
     """
     if steps > 0:
         _check_attack_args(eps, step, steps, restarts, loss)
     elif steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = int(x.shape[0])
     if n == 0:
@@ -219,9 +318,12 @@ def evaluate(
     if not is_uint8:
         _check_images(x, y)
     dev = torch.device(device) if device is not None else _model_device(model)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, tuple(x.shape[1:]), dev)
     loss_fn = _loss_fn(loss)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
+    loop = PGDLoop(model, loss_fn, eps, step, steps, backend, graphs=cuda_graphs and dev.type == "cuda")
 
     starts = range(0, n, batch_size)
     if progress:
@@ -230,7 +332,7 @@ def evaluate(
         starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc="evaluate", unit="batch")
     clean = torch.zeros((), dtype=torch.long, device=dev)
     robust = torch.zeros((), dtype=torch.long, device=dev)
-    with eval_mode(model):
+    with eval_mode(model), strict_fp32(dev):
         for i in starts:
             xb = x[i : i + batch_size].to(dev, non_blocking=True)
             xb = xb.float().div_(255.0) if is_uint8 else xb.detach()
@@ -238,7 +340,7 @@ def evaluate(
             with torch.no_grad():
                 clean += (model(xb).argmax(dim=1) == yb).sum()
             if steps > 0:
-                x_adv = _pgd(model, xb, yb, eps, step, steps, restarts, loss_fn, True, gen, backend)
+                x_adv = _pgd(model, xb, yb, eps, step, steps, restarts, loss_fn, random_start, gen, backend, loop)
                 with torch.no_grad():
                     robust += (model(x_adv).argmax(dim=1) == yb).sum()
     return {
