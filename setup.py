@@ -103,6 +103,9 @@ setup(
     ],
     extras_require={
         "gpu": ["triton", "nvidia-ml-py"],
+        # AutoAttack (apart-fast eval --attack autoattack, --sanity). torchattacks also pins requests~=2.25.1,
+        # which it never imports; where that clashes: pip install --no-deps torchattacks==3.5.1 scipy
+        "eval": ["torchattacks>=3.5.1,<3.6", "scipy"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["apart-fast=apart_fast.cli:main"]},

@@ -2,8 +2,10 @@
 competitors (N-FGSM, GradAlign) in one command; ``--ema DECAY`` also evaluates every method's weight average.
 
 Writes ``OUT/<method>/`` (one ``train`` run each, metrics.jsonl with the per-epoch probe), ``OUT/results.md``
-(the table), ``OUT/results.json`` and PNG figures: robust accuracy per epoch, the perturbation-strength
-ratio per epoch, APART's step sizes, and with ``--long-fgsm`` a long FGSM run beside APART's.
+(the table: clean, PGD-20, CW PGD-20 and AutoAttack per method), ``OUT/results.json`` and PNG figures:
+robust accuracy per epoch, the perturbation-strength ratio per epoch, APART's step sizes, one robustness
+curve per method (accuracy against eps and against PGD steps), and with ``--long-fgsm`` a long FGSM run
+beside APART's. AutoAttack and the curves use all test points on a GPU, a seeded subset on the CPU.
 Presets are documented on ``PRESETS``; the study they feed is ``apart_fast/diagnostics/STUDY.md``.
 """
 
@@ -56,6 +58,9 @@ class Preset:
     needs_gpu: bool = False
     synthetic_size: int = 1024
     short_run: bool = False  # APART's generator adapted to the short run (experiments.short_run_apart)
+    aa_n_cpu: int = 200  # AutoAttack and the curves on the CPU: a seeded random subset of this many test points
+    aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (100: the standard version)
+    aa_square_queries: int = 5000  # AutoAttack's Square queries (5000: the standard version)
 
 
 PRESETS: dict[str, Preset] = {
@@ -73,8 +78,9 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset("cifar10", "preact18", 8, 8, 128, 0.2, 8 / 255, 4000, 500, 256, 10, 20, 20, METHODS, CIFAR_JPEG,
                   short_run=True),
     # A smoke test: synthetic 16x16 data, a width-4 small CNN, one epoch, two methods (seconds).
+    # AutoAttack there is cut to 5 iterations and 50 Square queries on 32 points (not the standard version).
     "tiny": Preset("synthetic", "smallcnn", 4, 1, 32, 0.2, 8 / 255, 128, 64, 32, 2, 2, 2, ("fgsm_rs", "apart"),
-                   synthetic_size=256, short_run=True),
+                   synthetic_size=256, short_run=True, aa_n_cpu=32, aa_steps=5, aa_square_queries=50),
 }
 
 
@@ -90,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float_or_fraction, help="override the preset's eps for training and evaluation (e.g. 16/255)")
     p.add_argument("--train-subset", type=int, help="train on a seeded random N-image subset (0: all)")
     p.add_argument("--test-subset", type=int, help="final evaluations on a seeded random N-image test subset (0: all)")
+    p.add_argument("--aa-n", type=int,
+                   help="AutoAttack and curve points (default: all test points on a GPU, the preset's subset on the CPU)")
     p.add_argument("--long-fgsm", action="store_true", help="add long FGSM (zero init) and APART runs and their figure")
     p.add_argument("--long-epochs", type=int, help="epochs of the --long-fgsm runs (default: the preset's)")
     p.add_argument("--long-fgsm-step", type=float, default=1.0,
@@ -111,7 +119,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The exact, canonical command that reproduces this run (every option that was set)."""
     parts = ["apart-fast", "reproduce", "--preset", args.preset]
     for name in ("methods", "out", "data_dir", "device", "epochs", "width", "train_subset", "test_subset",
-                 "long_epochs"):
+                 "aa_n", "long_epochs"):
         v = getattr(args, name)
         if v is not None and not (name == "device" and v == "auto"):
             parts += ["--" + name.replace("_", "-"), str(v)]
@@ -184,8 +192,35 @@ def _evaluate(model: torch.nn.Module, cfg: Config, data: ImageData, loss: str) -
                     backend=cfg.backend)
 
 
-def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: bool) -> dict[str, Any]:
-    """Train (or, with ``resume``, reuse) one sub-run, then evaluate its last and best checkpoints."""
+def robust_extras(model: torch.nn.Module, cfg: Config, data: ImageData, preset: Preset, aa_n: int | None,
+                  progress: bool) -> dict[str, Any]:
+    """AutoAttack accuracy (with its standard error) and the robustness curves of ``model`` on a seeded random
+    subset of ``aa_n`` test points (None: all). Without torchattacks the AutoAttack entries are None."""
+    from apart_fast.attacks import MissingExtraError, evaluate_autoattack, robustness_curve
+    from apart_fast.experiments import standard_error
+
+    x, y = data.test_x, data.test_y
+    if aa_n is not None and aa_n < int(x.shape[0]):
+        idx = torch.randperm(int(x.shape[0]), generator=torch.Generator().manual_seed(cfg.seed + 29))[:aa_n]
+        x, y = x[idx.sort().values], y[idx.sort().values]
+    n = int(x.shape[0])
+    out: dict[str, Any] = {"aa_n": n, "aa_acc": None, "aa_se": None, "aa_settings": None,
+                           "curve": robustness_curve(model, x, y, cfg.eval_eps, batch_size=256, seed=cfg.seed,
+                                                     backend=cfg.backend)}
+    try:
+        ev = evaluate_autoattack(model, x, y, cfg.eval_eps, steps=preset.aa_steps, seed=cfg.seed,
+                                 square_queries=preset.aa_square_queries, progress=progress)
+    except MissingExtraError as err:
+        out["aa_note"] = str(err)
+        return out
+    out.update(aa_acc=ev["robust_acc"], aa_se=standard_error(ev["robust_acc"], n), aa_settings=ev["settings"])
+    return out
+
+
+def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: bool, preset: Preset | None = None,
+            aa_n: int | None = None) -> dict[str, Any]:
+    """Train (or, with ``resume``, reuse) one sub-run, then evaluate its last and best checkpoints; with
+    ``preset``, also AutoAttack and the robustness curves of the last one (``robust_extras``)."""
     from apart_fast import load_model
     from apart_fast.engine.loop import train
 
@@ -212,6 +247,8 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
         "data_passes_divisor": cfg.free_replays if cfg.method == "free" else 1,
         "ema_clean_acc": res.get("ema_test_clean_acc"), "ema_pgd20_acc": res.get("ema_test_robust_acc"),
     }
+    if preset is not None:
+        row.update(robust_extras(last, cfg, data, preset, aa_n, progress))
     if res["best_epoch"] == res["epochs"] or not (out / "model_best.pt").exists():
         row["best_clean_acc"], row["best_pgd20_acc"] = row["clean_acc"], row["pgd20_acc"]
     else:
@@ -258,9 +295,9 @@ def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """results.md: the comparison table (± binomial standard error), the long runs if any, and how it was measured."""
     base = next((r["train_seconds"] for r in rows if r["name"] == "pgd"), None)
     ema = any(r.get("ema_pgd20_acc") is not None for r in rows)
-    head = ("| method | clean | PGD-20 | CW PGD-20 | " + ("EMA clean | EMA PGD-20 | " if ema else "")
+    head = ("| method | clean | PGD-20 | CW PGD-20 | AutoAttack ± s.e. | " + ("EMA clean | EMA PGD-20 | " if ema else "")
             + "held-out PGD-10 best (epoch) | held-out PGD-10 last (epoch) | best ckpt: clean / PGD-20 | train s | vs PGD-10 |\n"
-            + "|---" * (11 if ema else 9) + "|")
+            + "|---" * (12 if ema else 10) + "|")
     lines = [f"# Reproduce: preset {info['preset']}", "", head]
     for r in rows:
         rel = f"{r['train_seconds'] / base:.2f}x" if base else "n/a"
@@ -268,7 +305,8 @@ def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         ema_cols = f"{_pm(r.get('ema_clean_acc'), n)} | {_pm(r.get('ema_pgd20_acc'), n)} | " if ema else ""
         lines.append(
             f"| {LABELS.get(r['name'], r['name'])} | {_pm(r['clean_acc'], n)} | {_pm(r['pgd20_acc'], n)} | {_f(r['cw20_acc'])} "
-            f"| {ema_cols}{_f(r['best_holdout_robust'])} ({r['best_epoch']}) | {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
+            f"| {_aa(r)} | {ema_cols}{_f(r['best_holdout_robust'])} ({r['best_epoch']}) "
+            f"| {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
             f"| {_f(r['best_clean_acc'])} / {_f(r['best_pgd20_acc'])} | {r['train_seconds']:.1f} | {rel} |")
     s = info["settings"]
     same = within_noise(rows)
@@ -289,6 +327,7 @@ def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"eps {s['eps'] * 255:.3g}/255.",
         f"- PGD-20 and CW PGD-20: step 2/255, random start, eval mode, on the last epoch's model; held-out PGD-10 after "
         f"every epoch on {s['eval_n']} test images; 'best ckpt' is model_best.pt (highest held-out PGD-10).",
+        _aa_note(rows),
         "- train s: training time only (no evaluation, no probe); Free runs ceil(epochs/m) passes of m replays.",
         f"- Wall time of the whole command: {info['wall_seconds'] / 60:.1f} min.",
         "",
@@ -297,6 +336,26 @@ def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"    {info['command']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _aa(r: dict[str, Any]) -> str:
+    """AutoAttack cell: accuracy ± standard error, or n/a (not run, or torchattacks missing)."""
+    if r.get("aa_acc") is None:
+        return "n/a"
+    return f"{r['aa_acc']:.3f} ± {r['aa_se']:.3f}"
+
+
+def _aa_note(rows: list[dict[str, Any]]) -> str:
+    """How AutoAttack was run: points, settings, or why it was not."""
+    done = [r for r in rows if r.get("aa_settings")]
+    if not done:
+        why = next((r["aa_note"] for r in rows if r.get("aa_note")), "not run for these rows")
+        return f"- AutoAttack: n/a ({why})."
+    s = done[0]["aa_settings"]
+    return (f"- AutoAttack ({s['library']}, {s['version']} L-inf: APGD-CE, APGD-T, FAB-T with {s['apgd_steps']} "
+            f"iterations, Square {s['square_queries']} queries, seed {s['seed']}) on {done[0]['aa_n']} test points "
+            f"(a seeded random subset unless that is all of them), eval mode; ± is the binomial standard error. "
+            f"The curves (robustness_curves.png) use the same points.")
 
 
 def _series(row: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
@@ -356,6 +415,17 @@ def plot_all(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], info: 
         _footer(fig, info)
         _save(fig, out / "strength_ratio.png")
         names.append("strength_ratio.png")
+
+    with_curves = {LABELS.get(r["name"], r["name"]): r["curve"] for r in rows if r.get("curve")}
+    if with_curves:
+        from apart_fast.attacks import plot_curves
+
+        s = info["settings"]
+        n = next(r["aa_n"] for r in rows if r.get("curve"))
+        plot_curves(with_curves, out / "robustness_curves.png",
+                    title=f"{s['model']} width {s['width']} on {s['dataset']}, {n} test points: one curve per method",
+                    footer=f"device: {info['device_name']}  |  {info['command']}")
+        names.append("robustness_curves.png")
 
     aparts = [r for r in rows + long_rows if r["method"] == "apart"]
     if aparts:
@@ -428,13 +498,17 @@ def run(args: argparse.Namespace) -> int:
                         "ema": args.ema, "ema_warmup": args.ema_warmup}
     common = dict(width=width, n_train=n_train, device=device, seed=args.seed, data_dir=data_dir, ema=args.ema,
                   ema_warmup=args.ema_warmup)
+    aa_n = args.aa_n if args.aa_n is not None else (None if device.startswith("cuda") else preset.aa_n_cpu)
+    if aa_n is not None and aa_n < 1:
+        raise ConfigError(f"--aa-n {aa_n} is not positive; pass the number of AutoAttack test points")
     rows: list[dict[str, Any]] = []
     for m in methods:
         cfg = method_config(m, preset, epochs=epochs, out=str(out / m), **common)
-        rows.append(run_one(m, cfg, data, resume=args.resume, progress=not args.no_progress))
+        rows.append(run_one(m, cfg, data, resume=args.resume, progress=not args.no_progress, preset=preset,
+                            aa_n=aa_n))
         ema = f", EMA PGD-20 {_f(rows[-1]['ema_pgd20_acc'])}" if args.ema is not None else ""
         print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {_f(rows[-1]['pgd20_acc'])}{ema}, "
-              f"{rows[-1]['train_seconds']:.0f} s", flush=True)
+              f"AutoAttack {_aa(rows[-1])}, {rows[-1]['train_seconds']:.0f} s", flush=True)
     long_rows: list[dict[str, Any]] = []
     if args.long_fgsm:
         cfg = method_config("fgsm", preset, epochs=long_epochs, out=str(out / "long_fgsm"),

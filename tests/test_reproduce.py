@@ -27,7 +27,8 @@ def tiny_run(tmp_path_factory) -> tuple:
 def test_tiny_preset_writes_table_json_and_figures(tiny_run):
     out, _ = tiny_run
     table = (out / "results.md").read_text()
-    for label in ("FGSM-RS", "APART", "long FGSM", "long APART", "CW PGD-20", "vs PGD-10", "apart-fast reproduce"):
+    for label in ("FGSM-RS", "APART", "long FGSM", "long APART", "CW PGD-20", "AutoAttack ± s.e.", "vs PGD-10",
+                  "apart-fast reproduce", "on 32 test points"):
         assert label in table
     res = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in res["rows"]] == ["fgsm_rs", "apart"]
@@ -38,7 +39,13 @@ def test_tiny_preset_writes_table_json_and_figures(tiny_run):
         assert "probe_strength_ratio" in r["history"][-1]
         assert (out / r["name"] / "metrics.jsonl").exists() and (out / r["name"] / "model_best.pt").exists()
     assert res["long_rows"][0]["epochs"] == 2
-    for name in ("robust_acc.png", "strength_ratio.png", "apart_step_sizes.png", "long_fgsm.png"):
+    for r in res["rows"]:  # AutoAttack and the curves on the preset's 32-point subset
+        assert r["aa_n"] == 32 and len(r["curve"]["eps_acc"]) == len(r["curve"]["eps_values"])
+        if r["aa_acc"] is not None:  # None only without the [eval] extra
+            assert 0 <= r["aa_acc"] <= r["curve"]["clean_acc"] and r["aa_se"] >= 0
+            assert f"{r['aa_acc']:.3f} ± {r['aa_se']:.3f}" in table
+    for name in ("robust_acc.png", "strength_ratio.png", "apart_step_sizes.png", "long_fgsm.png",
+                 "robustness_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert name in res["figures"]
 

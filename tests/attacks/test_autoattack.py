@@ -13,7 +13,7 @@ from apart_fast.attacks.autoattack import MissingExtraError, autoattack, build, 
 
 torchattacks = pytest.importorskip("torchattacks", reason="AutoAttack needs the [eval] extra (torchattacks)")
 
-from .conftest import EPS  # noqa: E402
+EPS = 0.1  # the digits demo's budget, as in conftest.py
 
 
 def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(fgsm_rs_model, digits_points):

@@ -11,7 +11,7 @@ from apart_fast.attacks import evaluate, format_checks, sanity_checks
 
 pytest.importorskip("torchattacks", reason="the black-box and AutoAttack checks need the [eval] extra")
 
-from .conftest import EPS  # noqa: E402
+EPS = 0.1  # the digits demo's budget, as in conftest.py
 
 FAST = dict(aa_steps=20, square_queries=1000, restarts=3)  # smaller than the defaults: CI runs on 2 cores
 
