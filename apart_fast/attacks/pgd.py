@@ -7,6 +7,7 @@ are never touched, so it is safe to call in the middle of training. Each step is
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -120,7 +121,6 @@ class PGDLoop:
         self.graphs = graphs
         self.captures = 0  # graphs captured so far: one per distinct batch shape
         self._cache: dict[tuple, tuple[Any, tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
-        self._pool: Any = None
 
     def body(self, x: Tensor, y: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_adv, loss per example, fooled per example)`` after ``steps`` steps from ``x0``."""
@@ -142,7 +142,13 @@ class PGDLoop:
             return self.body(x, y, x0)
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._cache:
-            self._cache[key] = self._capture(x, y, x0)
+            try:
+                self._cache[key] = self._capture(x, y, x0)
+            except RuntimeError as err:  # e.g. a model that syncs with the host inside forward
+                warnings.warn(f"PGD: CUDA graph capture failed ({_first_line(err)}); running the attack eagerly",
+                              stacklevel=2)
+                self.graphs = False
+                return self.body(x, y, x0)
         graph, (sx, sy, s0), outs = self._cache[key]
         sx.copy_(x)
         sy.copy_(y)
@@ -160,11 +166,14 @@ class PGDLoop:
                 self.body(*static)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):  # every shape's graph shares one memory pool
+        with torch.cuda.graph(graph):  # its own memory pool: graphs of different shapes never share buffers
             outs = self.body(*static)
-        self._pool = graph.pool()
         self.captures += 1
         return graph, static, outs
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @contextmanager

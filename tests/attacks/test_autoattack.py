@@ -78,3 +78,30 @@ def test_missing_torchattacks_names_the_install_command(monkeypatch, clean_model
     assert main(["eval", "--checkpoint", str(path), "--attack", "autoattack", "--n", "4", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "apart_fast[eval]" in err and "torchattacks" in err
+
+
+def test_eval_cli_reports_every_attack_with_its_settings_and_the_sanity_checks(clean_model, tmp_path, capsys):
+    import json
+
+    from apart_fast.cli import main
+    from apart_fast.engine import checkpoint
+
+    path = tmp_path / "model.pt"
+    checkpoint.save(path, {"kind": "model", "model_config": clean_model.config, "model": clean_model.state_dict()})
+    base = ["eval", "--checkpoint", str(path), "--eps", "0.1", "--step", "0.025", "--n", "16", "--aa-steps", "2",
+            "--square-queries", "20", "--no-progress", "--json"]
+    assert main([*base, "--attack", "all"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 16 and res["test_points"].startswith("seeded random subset")
+    for key in ("clean", "pgd_ce", "pgd_cw", "autoattack"):
+        assert 0 <= res[f"{key}_acc"] <= 1 and res[f"{key}_se"] >= 0
+    aa = res["settings"]["autoattack"]
+    assert (aa["apgd_steps"], aa["square_queries"], aa["eps"], aa["model_mode"]) == (2, 20, 0.1, "eval")
+    assert res["settings"]["pgd_ce"]["steps"] == 20 and res["settings"]["pgd_cw"]["loss"] == "cw"
+    assert main([*base[:-1], "--attack", "autoattack"]) == 0
+    table = capsys.readouterr().out
+    assert "| AutoAttack |" in table and "PGD (CE)" not in table
+    assert main([*base, "--sanity"]) == 0
+    checks = json.loads(capsys.readouterr().out)["sanity"]["checks"]
+    assert [c["name"] for c in checks] == ["large_eps", "more_steps", "more_restarts", "black_box", "fgsm",
+                                           "autoattack_gap"]
