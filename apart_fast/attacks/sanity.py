@@ -52,8 +52,9 @@ class Check:
 def sanity_checks(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, step: float | None = None, seed: int = 0,
                   batch_size: int = 256, tol: float | None = None, aa_margin: float = AA_MARGIN,
                   near_zero: float = NEAR_ZERO, large_eps: float = LARGE_EPS, aa_steps: int = 100,
-                  square_queries: int = SQUARE_QUERIES, restarts: int = 5, backend: str = "auto", progress: bool = False) -> dict[str, Any]:
-    """Run the five gradient-masking checks on ``(x, y)`` at budget ``eps`` on the model's device; ``step``
+                  square_queries: int = SQUARE_QUERIES, restarts: int = 5, backend: str = "auto",
+                  progress: bool = False) -> dict[str, Any]:
+    """Run the six gradient-masking checks on ``(x, y)`` at budget ``eps`` on the model's device; ``step``
     defaults to eps/4.
 
     Returns ``{"passed": bool, "checks": [Check as dict, ...], "settings": {...}}``.
