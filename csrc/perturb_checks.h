@@ -1,24 +1,47 @@
-// Argument checks shared by the CPU and CUDA fronts. The Python dispatch layer already makes inputs
-// contiguous and checks dtypes/devices with friendlier messages; these guard direct callers.
+// Argument checks and host-side conventions shared by the CPU and CUDA fronts. The Python dispatch layer
+// already gives the tensors of one op one memory layout and checks dtypes/devices with friendlier
+// messages; these guard direct callers.
+//
+// Layout: the elementwise ops run over the elements in memory order, so they take tensors in any memory
+// format (NCHW, channels_last, a permutation) as long as each is non-overlapping and dense and all of
+// them lay their elements out alike (same strides, up to the strides of size-1 dimensions, which never
+// move). Outputs are allocated with empty_like and so keep that layout.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace apart {
 
+// Whether `t` and `like` have one shape and address their elements alike (strides of size-1 dims ignored).
+inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (t.sizes() != like.sizes()) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != like.stride(d)) return false;
+  }
+  return true;
+}
+
+inline void check_dense(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), name, " with strides ", t.strides(),
+              " is not dense; pass a dense tensor (any memory format), e.g. ", name, ".contiguous()");
+}
+
 inline void check_data(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
   TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but ", like_name, " is on ", like.device(),
               "; move both to one device");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", like_name,
               " has ", like.scalar_type(), "; cast one of them");
-  TORCH_CHECK(t.numel() == like.numel(), name, " has ", t.numel(), " elements but ", like_name, " has ", like.numel(),
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), " but ", like_name, " has ", like.sizes(),
               "; pass tensors of one shape");
+  TORCH_CHECK(same_layout(t, like), name, " has strides ", t.strides(), " but ", like_name, " has ", like.strides(),
+              "; pass tensors of one memory format (e.g. ", name, " = torch.empty_like(", like_name, ").copy_(", name, "))");
 }
 
-// A supported float dtype, contiguous: the first data argument of every primitive.
+// A supported float dtype, dense: the first data argument of every primitive.
 inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+  check_dense(t, name);
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, name,
               " has dtype ", st, "; supported: float32, float16, bfloat16, float64");
@@ -34,9 +57,9 @@ inline void check_step(const at::Tensor& a, const char* name, const at::Tensor& 
 
 inline void check_sign(const at::Tensor& s, const at::Tensor& like) {
   TORCH_CHECK(s.scalar_type() == at::kChar, "s must be int8 (from pack_sign), got ", s.scalar_type());
-  TORCH_CHECK(s.is_contiguous(), "s must be contiguous");
   TORCH_CHECK(s.device() == like.device(), "s is on ", s.device(), " but h is on ", like.device());
-  TORCH_CHECK(s.numel() == like.numel(), "s has ", s.numel(), " elements but h has ", like.numel());
+  TORCH_CHECK(s.sizes() == like.sizes() && same_layout(s, like), "s has shape ", s.sizes(), " and strides ",
+              s.strides(), " but h has ", like.sizes(), " and ", like.strides(), "; pass the sign in h's memory format");
 }
 
 // Per-op argument checks, shared by the CPU and CUDA entry points (each checks its device type first).
@@ -90,15 +113,51 @@ inline at::Tensor step_as_acc(const at::Tensor& a, const at::Tensor& like) {
   return a.reshape({1}).to(acc_dtype(like)).contiguous();
 }
 
+// Whether the reference computes with the step size `a` in the data's dtype (the kRoundStep of
+// perturb_math.h): a 0-d step size with fp16/bf16 data. A (1,)-shaped one is promoted to fp32 instead.
+inline bool rounds_step(const at::Tensor& a, const at::Tensor& data) {
+  const auto st = data.scalar_type();
+  return a.dim() == 0 && (st == at::kHalf || st == at::kBFloat16);
+}
+
+// A Python-scalar clamp bound as the reference's kernels on `data`'s device see it, in the arithmetic
+// type: PyTorch's CPU kernels cast a scalar operand to the tensor's dtype (`round`: the tensor that
+// the bound meets is fp16/bf16), its CUDA kernels read it in the opmath type (fp32) unrounded.
+inline double scalar_bound(double v, const at::Tensor& data, bool round) {
+  const auto st = data.scalar_type();
+  if (st == at::kDouble) return v;
+  const float f = static_cast<float>(v);
+  if (round && data.device().is_cpu()) {
+    if (st == at::kHalf) return static_cast<float>(static_cast<at::Half>(f));
+    if (st == at::kBFloat16) return static_cast<float>(static_cast<at::BFloat16>(f));
+  }
+  return f;
+}
+
+// Calls fn(std::integral_constant<bool, b>) for a runtime b: the branch leaves the kernels' inner loops.
+template <typename F>
+void with_bool(bool b, const F& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// Sizes of the store (n, c, hp, wp), of the window (b, h, w), and the element strides of the store (ss)
+// and of the (B, C, H, W) image-frame tensor (fs: the gathered output or the update's g). Both may be in
+// any memory format: the kernels address every element through these strides.
 struct WindowArgs {
   int64_t n, c, hp, wp, b, h, w;
+  int64_t ss[4];
+  int64_t fs[4];
 };
 
+// `frame` is the (B, C, H, W) tensor the window is gathered into or read from (its strides are taken).
 inline WindowArgs check_window(const at::Tensor& store, const at::Tensor& index, const at::Tensor& crop,
-                               const at::Tensor& flip, const at::Tensor& src, int64_t h, int64_t w) {
+                               const at::Tensor& flip, const at::Tensor& src, const at::Tensor& frame) {
   check_float(store, "store");
-  TORCH_CHECK(store.dim() == 4 && store.is_contiguous(), "store must be a contiguous (N, C, H+2p, W+2p) tensor, got ",
-              store.sizes());
+  TORCH_CHECK(store.dim() == 4, "store must be a dense (N, C, H+2p, W+2p) tensor, got shape ", store.sizes());
   const int64_t b = index.numel();
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "index must be int64 of shape (B,), got ",
               index.scalar_type(), " ", index.sizes());
@@ -111,9 +170,25 @@ inline WindowArgs check_window(const at::Tensor& store, const at::Tensor& index,
     TORCH_CHECK(t->device() == store.device(), "index/crop/flip/src must be on the store's device ", store.device());
     TORCH_CHECK(t->is_contiguous(), "index/crop/flip/src must be contiguous");
   }
+  TORCH_CHECK(frame.dim() == 4 && frame.size(0) == b && frame.size(1) == store.size(1), "the image-frame tensor must "
+              "have shape (", b, ", ", store.size(1), ", H, W), got ", frame.sizes());
+  TORCH_CHECK(frame.device() == store.device(), "g is on ", frame.device(), " but store is on ", store.device());
+  const int64_t h = frame.size(2), w = frame.size(3);
   TORCH_CHECK(h >= 1 && w >= 1 && h <= store.size(2) && w <= store.size(3), "window ", h, "x", w,
               " does not fit the store's ", store.size(2), "x", store.size(3), " frame");
-  return {store.size(0), store.size(1), store.size(2), store.size(3), b, h, w};
+  WindowArgs wa{store.size(0), store.size(1), store.size(2), store.size(3), b, h, w, {}, {}};
+  for (int d = 0; d < 4; ++d) {
+    wa.ss[d] = store.stride(d);
+    wa.fs[d] = frame.stride(d);
+  }
+  return wa;
+}
+
+// The (B, C, h, w) output of omega_gather, in the store's memory format.
+inline at::Tensor window_output(const at::Tensor& store, int64_t b, int64_t h, int64_t w) {
+  TORCH_CHECK(store.dim() == 4, "store must be a dense (N, C, H+2p, W+2p) tensor, got shape ", store.sizes());
+  TORCH_CHECK(h >= 1 && w >= 1, "window ", h, "x", w, " is empty");
+  return at::empty({b, store.size(1), h, w}, store.options().memory_format(store.suggest_memory_format()));
 }
 
 }  // namespace apart

@@ -69,9 +69,10 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// A contiguous output shaped like `like` (contiguous itself), of `like`'s dtype unless given.
+// An output laid out like `like` (dense, any memory format: empty_like keeps its strides), of `like`'s dtype
+// unless given.
 at::Tensor new_output(const at::Tensor& like, c10::optional<at::ScalarType> dtype = c10::nullopt) {
-  auto t = at::empty(like.sizes(), like.options().dtype(dtype.value_or(like.scalar_type())));
+  auto t = at::empty_like(like, like.options().dtype(dtype.value_or(like.scalar_type())));
   advise_huge_pages(t);
   return t;
 }
@@ -98,16 +99,6 @@ acc_t chunked_sum(int64_t n, const F& chunk) {
   return total;
 }
 
-// Calls fn(std::integral_constant<bool, b>) for a runtime b: the branch leaves the inner loops.
-template <typename F>
-void with_bool(bool b, const F& fn) {
-  if (b) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
 template <typename acc_t>
 acc_t step_value(const at::Tensor& a) {
   return static_cast<acc_t>(a.item<double>());  // CPU tensor: no device sync involved
@@ -122,14 +113,14 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // ---- inner loops: [begin, end) of one task, pointers restrict-qualified, scalars by value ----
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kR>
 void init_fwd_loop(int64_t b, int64_t e, const scalar_t* __restrict x, const scalar_t* __restrict omega, acc_t a,
                    acc_t eps, scalar_t* __restrict x0, scalar_t* __restrict d0) {
   APART_SIMD
-  for (int64_t i = b; i < e; ++i) init_fwd<scalar_t, acc_t>(x[i], omega[i], a, eps, x0[i], d0[i]);
+  for (int64_t i = b; i < e; ++i) init_fwd<scalar_t, acc_t, kR>(x[i], omega[i], a, eps, x0[i], d0[i]);
 }
 
-template <typename scalar_t, typename acc_t, bool kAtBound, bool kHasGd>
+template <typename scalar_t, typename acc_t, bool kR, bool kAtBound, bool kHasGd>
 acc_t init_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx0, const scalar_t* __restrict gd0,
                     const scalar_t* __restrict x, const scalar_t* __restrict omega, acc_t a, acc_t eps,
                     scalar_t* __restrict gx_out) {
@@ -138,21 +129,21 @@ acc_t init_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx0, const 
   for (int64_t i = b; i < e; ++i) {
     acc_t gx;
     const acc_t gd = kHasGd ? static_cast<acc_t>(gd0[i]) : acc_t(0);
-    sum += init_bwd<scalar_t, acc_t>(gx0[i], gd, x[i], omega[i], a, eps, kAtBound, gx);
+    sum += init_bwd<scalar_t, acc_t, kR>(gx0[i], gd, x[i], omega[i], a, eps, kAtBound, gx);
     gx_out[i] = static_cast<scalar_t>(gx);
   }
   return sum;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kR>
 void step_fwd_loop(int64_t b, int64_t e, const scalar_t* __restrict x, const scalar_t* __restrict d,
                    const scalar_t* __restrict g, acc_t a, acc_t eps, scalar_t* __restrict x1,
                    scalar_t* __restrict d1) {
   APART_SIMD
-  for (int64_t i = b; i < e; ++i) step_fwd<scalar_t, acc_t>(x[i], d[i], sign<acc_t>(g[i]), a, eps, x1[i], d1[i]);
+  for (int64_t i = b; i < e; ++i) step_fwd<scalar_t, acc_t, kR>(x[i], d[i], sign<acc_t>(g[i]), a, eps, x1[i], d1[i]);
 }
 
-template <typename scalar_t, typename acc_t, bool kAtBound, bool kHasGd>
+template <typename scalar_t, typename acc_t, bool kR, bool kAtBound, bool kHasGd>
 acc_t step_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx1, const scalar_t* __restrict gd1,
                     const scalar_t* __restrict x, const scalar_t* __restrict d, const scalar_t* __restrict g,
                     acc_t a, acc_t eps, scalar_t* __restrict gx_out, scalar_t* __restrict gd_out) {
@@ -161,7 +152,7 @@ acc_t step_bwd_loop(int64_t b, int64_t e, const scalar_t* __restrict gx1, const 
   for (int64_t i = b; i < e; ++i) {
     acc_t gx, gd;
     const acc_t gdi = kHasGd ? static_cast<acc_t>(gd1[i]) : acc_t(0);
-    sum += step_bwd<scalar_t, acc_t>(gx1[i], gdi, x[i], d[i], sign<acc_t>(g[i]), a, eps, kAtBound, gx, gd);
+    sum += step_bwd<scalar_t, acc_t, kR>(gx1[i], gdi, x[i], d[i], sign<acc_t>(g[i]), a, eps, kAtBound, gx, gd);
     gx_out[i] = static_cast<scalar_t>(gx);
     gd_out[i] = static_cast<scalar_t>(gd);
   }
@@ -204,14 +195,19 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
   check_perturb_init_args(x, omega, a_init);
   auto x0 = new_output(x), d0 = new_output(x);
   const int64_t n = x.numel();
+  const bool round = rounds_step(a_init, x);
   APART_DISPATCH(x.scalar_type(), "perturb_init_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(eps);
+    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(scalar_bound(eps, x, round));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = omega.const_data_ptr<scalar_t>();
     scalar_t* x0p = x0.mutable_data_ptr<scalar_t>();
     scalar_t* d0p = d0.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [=](int64_t b, int64_t end) { init_fwd_loop<scalar_t, acc_t>(b, end, xp, op, a, e, x0p, d0p); });
+    with_bool(round, [&](auto kr) {
+      parallel_elementwise(n, [=](int64_t b, int64_t end) {
+        init_fwd_loop<scalar_t, acc_t, decltype(kr)::value>(b, end, xp, op, a, e, x0p, d0p);
+      });
+    });
   });
   return {x0, d0};
 }
@@ -224,20 +220,23 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
   auto grad_x = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
+  const bool round = rounds_step(a_init, x);
   APART_DISPATCH(x.scalar_type(), "perturb_init_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(eps);
+    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(scalar_bound(eps, x, round));
     const scalar_t* gxp = grad_x0.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = omega.const_data_ptr<scalar_t>();
     scalar_t* out = grad_x.mutable_data_ptr<scalar_t>();
-    with_bool(g_at_bound, [&](auto at_bound) {
-      with_bool(has_gd, [&](auto with_gd) {
-        grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
-          return init_bwd_loop<scalar_t, acc_t, decltype(at_bound)::value, decltype(with_gd)::value>(
-              b, end, gxp, gdp, xp, op, a, e, out);
-        }));
+    with_bool(round, [&](auto kr) {
+      with_bool(g_at_bound, [&](auto at_bound) {
+        with_bool(has_gd, [&](auto with_gd) {
+          grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
+            return init_bwd_loop<scalar_t, acc_t, decltype(kr)::value, decltype(at_bound)::value,
+                                 decltype(with_gd)::value>(b, end, gxp, gdp, xp, op, a, e, out);
+          }));
+        });
       });
     });
   });
@@ -250,16 +249,19 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
   check_sign_step_args(x, d, g, a);
   auto x1 = new_output(x), d1 = new_output(x);
   const int64_t n = x.numel();
+  const bool round = rounds_step(a, x);
   APART_DISPATCH(x.scalar_type(), "sign_step_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(eps);
+    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(scalar_bound(eps, x, round));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dp = d.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* x1p = x1.mutable_data_ptr<scalar_t>();
     scalar_t* d1p = d1.mutable_data_ptr<scalar_t>();
-    parallel_elementwise(n, [=](int64_t b, int64_t end) {
-      step_fwd_loop<scalar_t, acc_t>(b, end, xp, dp, gp, av, e, x1p, d1p);
+    with_bool(round, [&](auto kr) {
+      parallel_elementwise(n, [=](int64_t b, int64_t end) {
+        step_fwd_loop<scalar_t, acc_t, decltype(kr)::value>(b, end, xp, dp, gp, av, e, x1p, d1p);
+      });
     });
   });
   return {x1, d1};
@@ -274,9 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
   auto grad_x = new_output(x), grad_d = new_output(x);
   auto grad_a = at::empty({1}, x.options().dtype(acc_dtype(x)));
   const int64_t n = x.numel();
+  const bool round = rounds_step(a, x);
   APART_DISPATCH(x.scalar_type(), "sign_step_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(eps);
+    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(scalar_bound(eps, x, round));
     const scalar_t* gxp = grad_x1.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -284,12 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* oxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* odp = grad_d.mutable_data_ptr<scalar_t>();
-    with_bool(g_at_bound, [&](auto at_bound) {
-      with_bool(has_gd, [&](auto with_gd) {
-        grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
-          return step_bwd_loop<scalar_t, acc_t, decltype(at_bound)::value, decltype(with_gd)::value>(
-              b, end, gxp, gdp, xp, dp, gp, av, e, oxp, odp);
-        }));
+    with_bool(round, [&](auto kr) {
+      with_bool(g_at_bound, [&](auto at_bound) {
+        with_bool(has_gd, [&](auto with_gd) {
+          grad_a.fill_(chunked_sum<acc_t>(n, [=](int64_t b, int64_t end) {
+            return step_bwd_loop<scalar_t, acc_t, decltype(kr)::value, decltype(at_bound)::value,
+                                 decltype(with_gd)::value>(b, end, gxp, gdp, xp, dp, gp, av, e, oxp, odp);
+          }));
+        });
       });
     });
   });
@@ -299,7 +304,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
 at::Tensor pack_sign(const at::Tensor& g) {
   check_cpu(g, "g");
   check_float(g, "g");
-  TORCH_CHECK(g.is_contiguous(), "g must be contiguous");
   auto s = new_output(g, at::kChar);
   const int64_t n = g.numel();
   APART_DISPATCH(g.scalar_type(), "pack_sign", [&] {
@@ -314,7 +318,6 @@ at::Tensor pack_sign(const at::Tensor& g) {
 at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at::Tensor& a) {
   check_cpu(h, "h");
   check_float(h, "h");
-  TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
   check_sign(s, h);
   check_step(a, "a", h);
   auto out = new_output(h);
@@ -333,7 +336,6 @@ at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at:
 at::Tensor layer_perturb_bwd(const at::Tensor& grad_out, const at::Tensor& s) {
   check_cpu(grad_out, "grad_out");
   check_float(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
   check_sign(s, grad_out);
   auto grad_a = at::empty({1}, grad_out.options().dtype(acc_dtype(grad_out)));
   const int64_t n = grad_out.numel();
@@ -353,7 +355,7 @@ at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   const int64_t n = x.numel();
   APART_DISPATCH(x.scalar_type(), "pgd_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t st = static_cast<acc_t>(step), e = static_cast<acc_t>(eps);
+    const acc_t st = static_cast<acc_t>(step), e = static_cast<acc_t>(scalar_bound(eps, x, true));
     const scalar_t* ap = x_adv.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -375,12 +377,24 @@ void check_window_bounds(const WindowArgs& w, const at::Tensor& index, const at:
   }
 }
 
+// Offset of image-frame element (b, c, i, j) in the store and in the frame tensor, through their strides.
+struct WindowAt {
+  int64_t store, frame;
+};
+
+inline WindowAt window_at(const WindowArgs& w, const int64_t* ip, const int64_t* cp, const bool* fp, int64_t b,
+                          int64_t c, int64_t i, int64_t j) {
+  const int64_t col = window_col(cp[2 * b + 1], j, w.w, fp[b]);
+  return {ip[b] * w.ss[0] + c * w.ss[1] + (cp[2 * b] + i) * w.ss[2] + col * w.ss[3],
+          b * w.fs[0] + c * w.fs[1] + i * w.fs[2] + j * w.fs[3]};
+}
+
 at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const at::Tensor& crop,
                         const at::Tensor& flip, const at::Tensor& src, int64_t h, int64_t w) {
   check_cpu(store, "store");
-  const WindowArgs wa = check_window(store, index, crop, flip, src, h, w);
+  auto out = window_output(store, index.numel(), h, w);
+  const WindowArgs wa = check_window(store, index, crop, flip, src, out);
   check_window_bounds(wa, index, crop);
-  auto out = at::empty({wa.b, wa.c, h, w}, store.options());
   advise_huge_pages(out);
   APART_DISPATCH(store.scalar_type(), "omega_gather", [&] {
     const scalar_t* sp = store.const_data_ptr<scalar_t>();
@@ -392,9 +406,10 @@ at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const 
     at::parallel_for(0, wa.b * wa.c * h, std::max<int64_t>(1, kGrain / w), [&](int64_t rb, int64_t re) {
       for (int64_t r = rb; r < re; ++r) {
         const int64_t b = r / (wa.c * h), c = (r / h) % wa.c, i = r % h;
-        const scalar_t* row = sp + ((ip[b] * wa.c + c) * wa.hp + cp[2 * b] + i) * wa.wp;
-        scalar_t* orow = op + r * w;
-        for (int64_t j = 0; j < w; ++j) orow[j] = row[window_col(cp[2 * b + 1], j, w, fp[b])];
+        for (int64_t j = 0; j < w; ++j) {
+          const WindowAt at = window_at(wa, ip, cp, fp, b, c, i, j);
+          op[at.frame] = sp[at.store];
+        }
       }
     });
   });
@@ -404,19 +419,13 @@ at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const 
 void omega_update(const at::Tensor& store, const at::Tensor& index, const at::Tensor& crop, const at::Tensor& flip,
                   const at::Tensor& src, const at::Tensor& g, const at::Tensor& ratio) {
   check_cpu(store, "store");
-  const WindowArgs wa = check_window(store, index, crop, flip, src, 1, 1);
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == wa.b && g.size(1) == wa.c, "g must have shape (", wa.b, ", ", wa.c,
-              ", H, W), got ", g.sizes());
-  check_window(store, index, crop, flip, src, g.size(2), g.size(3));
+  const WindowArgs wa = check_window(store, index, crop, flip, src, g);
   TORCH_CHECK(g.scalar_type() == store.scalar_type(), "g has dtype ", g.scalar_type(), " but store has ",
               store.scalar_type(), "; cast g to the store's dtype");
-  TORCH_CHECK(g.is_contiguous() && g.device() == store.device(), "g must be contiguous and on the store's device");
   check_step(ratio, "ratio", store);
-  const int64_t h = g.size(2), w = g.size(3);
-  WindowArgs wb = wa;
-  wb.h = h;
-  wb.w = w;
-  check_window_bounds(wb, index, crop);
+  check_window_bounds(wa, index, crop);
+  const int64_t h = wa.h, w = wa.w;
+  const bool round = rounds_step(ratio, store);
   APART_DISPATCH(store.scalar_type(), "omega_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t rv = step_value<acc_t>(ratio);
@@ -427,17 +436,18 @@ void omega_update(const at::Tensor& store, const at::Tensor& index, const at::Te
     const bool* fp = flip.const_data_ptr<bool>();
     const int64_t* srcp = src.const_data_ptr<int64_t>();
     // Only an example's first occurrence writes; distinct examples touch disjoint store rows.
-    at::parallel_for(0, wa.b * wa.c * h, std::max<int64_t>(1, kGrain / w), [&](int64_t rb, int64_t re) {
-      for (int64_t r = rb; r < re; ++r) {
-        const int64_t b = r / (wa.c * h), c = (r / h) % wa.c, i = r % h;
-        if (srcp[b] != b) continue;
-        scalar_t* row = sp + ((ip[b] * wa.c + c) * wa.hp + cp[2 * b] + i) * wa.wp;
-        const scalar_t* grow = gp + r * w;
-        for (int64_t j = 0; j < w; ++j) {
-          scalar_t& o = row[window_col(cp[2 * b + 1], j, w, fp[b])];
-          o = omega_new<scalar_t, acc_t>(o, sign<acc_t>(grow[j]), rv);
+    with_bool(round, [&](auto kr) {
+      at::parallel_for(0, wa.b * wa.c * h, std::max<int64_t>(1, kGrain / w), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const int64_t b = r / (wa.c * h), c = (r / h) % wa.c, i = r % h;
+          if (srcp[b] != b) continue;
+          for (int64_t j = 0; j < w; ++j) {
+            const WindowAt at = window_at(wa, ip, cp, fp, b, c, i, j);
+            scalar_t& o = sp[at.store];
+            o = omega_new<scalar_t, acc_t, decltype(kr)::value>(o, sign<acc_t>(gp[at.frame]), rv);
+          }
         }
-      }
+      });
     });
   });
 }

@@ -5,7 +5,9 @@
 // loop accumulating per thread in fp32 (fp64 for fp64 data), a warp-shuffle block reduction, one
 // partial per block, and a final ATen sum over the (fixed-size) partials: deterministic, no atomics,
 // no host sync. The step sizes stay on the device (read by the kernels), so the launches can be
-// captured in a CUDA graph.
+// captured in a CUDA graph. The elementwise ops run over memory order, so any dense layout shared by
+// their arguments works (perturb_checks.h); the omega kernels address the store and the image-frame
+// tensor through their strides. Scalar bounds follow PyTorch's CUDA convention (fp32, unrounded).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -130,7 +132,7 @@ constexpr int vec_of() {
 
 // ---- ops ----
 
-template <typename scalar_t>
+template <typename scalar_t, bool kR>
 struct InitFwd {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ x;
@@ -145,13 +147,13 @@ struct InitFwd {
     const auto xv = load<V>(x, i), ov = load<V>(omega, i);
     Pack<scalar_t, V> xo, dout;
 #pragma unroll
-    for (int k = 0; k < V; ++k) init_fwd<scalar_t, acc_t>(xv.v[k], ov.v[k], av, eps, xo.v[k], dout.v[k]);
+    for (int k = 0; k < V; ++k) init_fwd<scalar_t, acc_t, kR>(xv.v[k], ov.v[k], av, eps, xo.v[k], dout.v[k]);
     store<V>(x0, i, xo);
     store<V>(d0, i, dout);
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kR>
 struct InitBwd {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ gx0;
@@ -178,7 +180,7 @@ struct InitBwd {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       acc_t g;
-      sum += init_bwd<scalar_t, acc_t>(gv.v[k], gd.v[k], xv.v[k], ov.v[k], av, eps, at_bound, g);
+      sum += init_bwd<scalar_t, acc_t, kR>(gv.v[k], gd.v[k], xv.v[k], ov.v[k], av, eps, at_bound, g);
       out.v[k] = static_cast<scalar_t>(g);
     }
     store<V>(gx, i, out);
@@ -186,7 +188,7 @@ struct InitBwd {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kR>
 struct StepFwd {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ x;
@@ -203,14 +205,14 @@ struct StepFwd {
     Pack<scalar_t, V> xo, dout;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      step_fwd<scalar_t, acc_t>(xv.v[k], dv.v[k], sign<acc_t>(gv.v[k]), av, eps, xo.v[k], dout.v[k]);
+      step_fwd<scalar_t, acc_t, kR>(xv.v[k], dv.v[k], sign<acc_t>(gv.v[k]), av, eps, xo.v[k], dout.v[k]);
     }
     store<V>(x1, i, xo);
     store<V>(d1, i, dout);
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kR>
 struct StepBwd {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* __restrict__ gx1;
@@ -239,7 +241,7 @@ struct StepBwd {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       acc_t rx, rd;
-      sum += step_bwd<scalar_t, acc_t>(gxv.v[k], gdv.v[k], xv.v[k], dv.v[k], sign<acc_t>(gv.v[k]), av, eps, at_bound,
+      sum += step_bwd<scalar_t, acc_t, kR>(gxv.v[k], gdv.v[k], xv.v[k], dv.v[k], sign<acc_t>(gv.v[k]), av, eps, at_bound,
                                         rx, rd);
       ox.v[k] = static_cast<scalar_t>(rx);
       od.v[k] = static_cast<scalar_t>(rd);
@@ -318,6 +320,22 @@ struct Pgd {
   }
 };
 
+// Offsets of image-frame element o = ((b*C + c)*H + i)*W + j in the store and in the frame tensor (strides).
+struct WindowAt {
+  int64_t b, store, frame;
+};
+
+__device__ __forceinline__ WindowAt window_at(const WindowArgs& w, const int64_t* __restrict__ index,
+                                              const int64_t* __restrict__ crop, const bool* __restrict__ flip,
+                                              int64_t o) {
+  const int64_t j = o % w.w, i = (o / w.w) % w.h, c = (o / (w.w * w.h)) % w.c, b = o / (w.w * w.h * w.c);
+  const int64_t row = index[b], cy = crop[2 * b], cx = crop[2 * b + 1];
+  CUDA_KERNEL_ASSERT(row >= 0 && row < w.n && cy >= 0 && cy + w.h <= w.hp && cx >= 0 && cx + w.w <= w.wp);
+  const int64_t col = window_col(cx, j, w.w, flip[b]);
+  return {b, row * w.ss[0] + c * w.ss[1] + (cy + i) * w.ss[2] + col * w.ss[3],
+          b * w.fs[0] + c * w.fs[1] + i * w.fs[2] + j * w.fs[3]};
+}
+
 // One thread per output element (b, c, i, j) of the (B, C, H, W) window.
 template <typename scalar_t>
 __global__ void omega_gather_kernel(const scalar_t* __restrict__ store, const int64_t* __restrict__ index,
@@ -326,14 +344,12 @@ __global__ void omega_gather_kernel(const scalar_t* __restrict__ store, const in
   const int64_t total = w.b * w.c * w.h * w.w;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const int64_t j = o % w.w, i = (o / w.w) % w.h, c = (o / (w.w * w.h)) % w.c, b = o / (w.w * w.h * w.c);
-    const int64_t row = index[b], cy = crop[2 * b], cx = crop[2 * b + 1];
-    CUDA_KERNEL_ASSERT(row >= 0 && row < w.n && cy >= 0 && cy + w.h <= w.hp && cx >= 0 && cx + w.w <= w.wp);
-    out[o] = store[((row * w.c + c) * w.hp + cy + i) * w.wp + window_col(cx, j, w.w, flip[b])];
+    const WindowAt at = window_at(w, index, crop, flip, o);
+    out[at.frame] = store[at.store];
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kR>
 __global__ void omega_update_kernel(scalar_t* __restrict__ store, const int64_t* __restrict__ index,
                                     const int64_t* __restrict__ crop, const bool* __restrict__ flip,
                                     const int64_t* __restrict__ src, const scalar_t* __restrict__ g,
@@ -345,11 +361,9 @@ __global__ void omega_update_kernel(scalar_t* __restrict__ store, const int64_t*
   for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
     const int64_t b = o / (w.w * w.h * w.c);
     if (src[b] != b) continue;  // a repeated example: its first occurrence writes
-    const int64_t j = o % w.w, i = (o / w.w) % w.h, c = (o / (w.w * w.h)) % w.c;
-    const int64_t row = index[b], cy = crop[2 * b], cx = crop[2 * b + 1];
-    CUDA_KERNEL_ASSERT(row >= 0 && row < w.n && cy >= 0 && cy + w.h <= w.hp && cx >= 0 && cx + w.w <= w.wp);
-    scalar_t& v = store[((row * w.c + c) * w.hp + cy + i) * w.wp + window_col(cx, j, w.w, flip[b])];
-    v = omega_new<scalar_t, acc_t>(v, sign<acc_t>(static_cast<acc_t>(g[o])), r);
+    const WindowAt at = window_at(w, index, crop, flip, o);
+    scalar_t& v = store[at.store];
+    v = omega_new<scalar_t, acc_t, kR>(v, sign<acc_t>(static_cast<acc_t>(g[at.frame])), r);
   }
 }
 
@@ -374,11 +388,16 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
   const c10::cuda::CUDAGuard guard(x.device());
   auto x0 = at::empty_like(x), d0 = at::empty_like(x);
   const auto a = step_as_acc(a_init, x);
+  const bool round = rounds_step(a_init, x);
   APART_DISPATCH(x.scalar_type(), "perturb_init_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    InitFwd<scalar_t> op{x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-                         static_cast<acc_t>(eps), x0.mutable_data_ptr<scalar_t>(), d0.mutable_data_ptr<scalar_t>()};
-    launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.omega, op.x0, op.d0}));
+    with_bool(round, [&](auto kr) {
+      InitFwd<scalar_t, decltype(kr)::value> op{
+          x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(scalar_bound(eps, x, round)), x0.mutable_data_ptr<scalar_t>(),
+          d0.mutable_data_ptr<scalar_t>()};
+      launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.omega, op.x0, op.d0}));
+    });
   });
   return {x0, d0};
 }
@@ -391,14 +410,18 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x);
   const auto a = step_as_acc(a_init, x);
+  const bool round = rounds_step(a_init, x);
   at::Tensor grad_a;
   APART_DISPATCH(x.scalar_type(), "perturb_init_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    InitBwd<scalar_t> op{grad_x0.const_data_ptr<scalar_t>(), has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr,
-                         x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-                         static_cast<acc_t>(eps), g_at_bound, grad_x.mutable_data_ptr<scalar_t>()};
-    grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(op, x.numel(), aligned16({op.gx0, op.gd0, op.x, op.omega, op.gx}),
-                                                      acc_options(x));
+    with_bool(round, [&](auto kr) {
+      InitBwd<scalar_t, decltype(kr)::value> op{
+          grad_x0.const_data_ptr<scalar_t>(), has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr,
+          x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(scalar_bound(eps, x, round)), g_at_bound, grad_x.mutable_data_ptr<scalar_t>()};
+      grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(
+          op, x.numel(), aligned16({op.gx0, op.gd0, op.x, op.omega, op.gx}), acc_options(x));
+    });
   });
   return {grad_x, grad_a};
 }
@@ -410,12 +433,16 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   auto x1 = at::empty_like(x), d1 = at::empty_like(x);
   const auto av = step_as_acc(a, x);
+  const bool round = rounds_step(a, x);
   APART_DISPATCH(x.scalar_type(), "sign_step_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StepFwd<scalar_t> op{x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                         av.const_data_ptr<acc_t>(), static_cast<acc_t>(eps), x1.mutable_data_ptr<scalar_t>(),
-                         d1.mutable_data_ptr<scalar_t>()};
-    launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.d, op.g, op.x1, op.d1}));
+    with_bool(round, [&](auto kr) {
+      StepFwd<scalar_t, decltype(kr)::value> op{
+          x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          av.const_data_ptr<acc_t>(), static_cast<acc_t>(scalar_bound(eps, x, round)),
+          x1.mutable_data_ptr<scalar_t>(), d1.mutable_data_ptr<scalar_t>()};
+      launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.d, op.g, op.x1, op.d1}));
+    });
   });
   return {x1, d1};
 }
@@ -429,15 +456,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x), grad_d = at::empty_like(x);
   const auto av = step_as_acc(a, x);
+  const bool round = rounds_step(a, x);
   at::Tensor grad_a;
   APART_DISPATCH(x.scalar_type(), "sign_step_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StepBwd<scalar_t> op{grad_x1.const_data_ptr<scalar_t>(), has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr,
-                         x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                         av.const_data_ptr<acc_t>(), static_cast<acc_t>(eps), g_at_bound,
-                         grad_x.mutable_data_ptr<scalar_t>(), grad_d.mutable_data_ptr<scalar_t>()};
-    grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(
-        op, x.numel(), aligned16({op.gx1, op.gd1, op.x, op.d, op.g, op.gx, op.gd}), acc_options(x));
+    with_bool(round, [&](auto kr) {
+      StepBwd<scalar_t, decltype(kr)::value> op{
+          grad_x1.const_data_ptr<scalar_t>(), has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr,
+          x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          av.const_data_ptr<acc_t>(), static_cast<acc_t>(scalar_bound(eps, x, round)), g_at_bound,
+          grad_x.mutable_data_ptr<scalar_t>(), grad_d.mutable_data_ptr<scalar_t>()};
+      grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(
+          op, x.numel(), aligned16({op.gx1, op.gd1, op.x, op.d, op.g, op.gx, op.gd}), acc_options(x));
+    });
   });
   return {grad_x, grad_d, grad_a};
 }
@@ -445,7 +476,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
 at::Tensor pack_sign(const at::Tensor& g) {
   check_cuda(g, "g");
   check_float(g, "g");
-  TORCH_CHECK(g.is_contiguous(), "g must be contiguous");
   const c10::cuda::CUDAGuard guard(g.device());
   auto s = at::empty_like(g, g.options().dtype(at::kChar));
   APART_DISPATCH(g.scalar_type(), "pack_sign", [&] {
@@ -459,7 +489,6 @@ at::Tensor pack_sign(const at::Tensor& g) {
 at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at::Tensor& a) {
   check_cuda(h, "h");
   check_float(h, "h");
-  TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
   check_sign(s, h);
   check_step(a, "a", h);
   const c10::cuda::CUDAGuard guard(h.device());
@@ -478,7 +507,6 @@ at::Tensor layer_perturb_fwd(const at::Tensor& h, const at::Tensor& s, const at:
 at::Tensor layer_perturb_bwd(const at::Tensor& grad_out, const at::Tensor& s) {
   check_cuda(grad_out, "grad_out");
   check_float(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
   check_sign(s, grad_out);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor grad_a;
@@ -501,7 +529,8 @@ at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tens
   APART_DISPATCH(x.scalar_type(), "pgd_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Pgd<scalar_t> op{x_adv.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                     static_cast<acc_t>(step), static_cast<acc_t>(eps), out.mutable_data_ptr<scalar_t>()};
+                     static_cast<acc_t>(step), static_cast<acc_t>(scalar_bound(eps, x, true)),
+                     out.mutable_data_ptr<scalar_t>()};
     launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.xa, op.x, op.g, op.out}));
   });
   return out;
@@ -510,9 +539,9 @@ at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tens
 at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const at::Tensor& crop,
                         const at::Tensor& flip, const at::Tensor& src, int64_t h, int64_t w) {
   check_cuda(store, "store");
-  const WindowArgs wa = check_window(store, index, crop, flip, src, h, w);
   const c10::cuda::CUDAGuard guard(store.device());
-  auto out = at::empty({wa.b, wa.c, h, w}, store.options());
+  auto out = window_output(store, index.numel(), h, w);
+  const WindowArgs wa = check_window(store, index, crop, flip, src, out);
   const int64_t total = out.numel();
   if (total == 0) return out;
   APART_DISPATCH(store.scalar_type(), "omega_gather", [&] {
@@ -527,24 +556,25 @@ at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const 
 void omega_update(const at::Tensor& store, const at::Tensor& index, const at::Tensor& crop, const at::Tensor& flip,
                   const at::Tensor& src, const at::Tensor& g, const at::Tensor& ratio) {
   check_cuda(store, "store");
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == index.numel() && g.size(1) == store.size(1), "g must have shape (",
-              index.numel(), ", ", store.size(1), ", H, W), got ", g.sizes());
-  const WindowArgs wa = check_window(store, index, crop, flip, src, g.size(2), g.size(3));
+  const WindowArgs wa = check_window(store, index, crop, flip, src, g);
   TORCH_CHECK(g.scalar_type() == store.scalar_type(), "g has dtype ", g.scalar_type(), " but store has ",
               store.scalar_type(), "; cast g to the store's dtype");
-  TORCH_CHECK(g.is_contiguous() && g.device() == store.device(), "g must be contiguous and on the store's device");
   check_step(ratio, "ratio", store);
   const c10::cuda::CUDAGuard guard(store.device());
   const auto r = step_as_acc(ratio, store);
+  const bool round = rounds_step(ratio, store);
   const int64_t total = g.numel();
   if (total == 0) return;
   APART_DISPATCH(store.scalar_type(), "omega_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    omega_update_kernel<scalar_t><<<grid_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        store.mutable_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), crop.const_data_ptr<int64_t>(),
-        flip.const_data_ptr<bool>(), src.const_data_ptr<int64_t>(), g.const_data_ptr<scalar_t>(),
-        r.const_data_ptr<acc_t>(), wa);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_bool(round, [&](auto kr) {
+      omega_update_kernel<scalar_t, decltype(kr)::value>
+          <<<grid_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              store.mutable_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), crop.const_data_ptr<int64_t>(),
+              flip.const_data_ptr<bool>(), src.const_data_ptr<int64_t>(), g.const_data_ptr<scalar_t>(),
+              r.const_data_ptr<acc_t>(), wa);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import struct
@@ -36,6 +37,49 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dt in dtypes:
         out = torch.promote_types(out, dt)
     return out
+
+
+def rounds_bound(data: torch.Tensor, rounded: bool) -> bool:
+    """Whether a Python-scalar bound (eps) is rounded to ``data``'s dtype where it meets a tensor of that dtype.
+
+    ``rounded``: that tensor is fp16/bf16. PyTorch's CPU kernels cast a scalar operand to the tensor's dtype;
+    its CUDA kernels read it in the opmath type (fp32) unrounded. The kernels follow their tensors' device
+    (CPU tensors run only under ``TRITON_INTERPRET=1``).
+    """
+    return rounded and data.device.type == "cpu"
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense in some memory format (its elements fill ``numel`` slots)."""
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
+        if stride != expected:
+            return t.numel() == 0
+        expected *= size
+    return True
+
+
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t`` has ``like``'s shape and strides (strides of size-1 dimensions never matter)."""
+    return t.shape == like.shape and all(t.stride(d) == like.stride(d) for d in range(t.dim()) if t.size(d) != 1)
+
+
+def check_layout(op: str, **tensors: torch.Tensor | None) -> None:
+    """The elementwise kernels run over memory order: the first tensor dense, the others laid out like it."""
+    (ref_name, ref), *rest = tensors.items()
+    if not is_dense(ref):
+        raise ValueError(f"apart_fast.kernels.{op}: {ref_name} with strides {ref.stride()} is not dense; "
+                         f"pass {ref_name}.contiguous() (any dense memory format works)")
+    for name, t in rest:
+        if t is not None and not same_layout(t, ref):
+            raise ValueError(f"apart_fast.kernels.{op}: {name} has shape {tuple(t.shape)} and strides {t.stride()} but "
+                             f"{ref_name} has {tuple(ref.shape)} and {ref.stride()}; pass {name} in {ref_name}'s memory "
+                             f"format (torch.empty_like({ref_name}).copy_({name}))")
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch context for kernels on ``t``: its CUDA device current (cuda:N), nothing for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def step_dtype(step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype, bool]:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import BLOCK_SIZE, NUM_WARPS, compute_dtype, num_programs, sum_partials, tl_dtype
+from ._utils import BLOCK_SIZE, NUM_WARPS, check_layout, compute_dtype, num_programs, on_device, sum_partials, tl_dtype
 
 
 @triton.jit
@@ -54,21 +54,23 @@ def _layer_perturb_bwd_kernel(
 
 
 def layer_perturb_fwd(h: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``h + a*s`` in h's dtype; ``s`` int8 of h's shape, ``a`` a one-element tensor."""
+    """``h + a*s`` in h's dtype and memory format; ``s`` int8 laid out like h, ``a`` a one-element tensor."""
+    check_layout("layer_perturb_fwd", h=h, s=s)
     out = torch.empty_like(h)
     n = h.numel()
     if n > 0:
-        _layer_perturb_fwd_kernel[(num_programs(n),)](
-            h,
-            s,
-            a,
-            out,
-            n,
-            COMPUTE=tl_dtype(compute_dtype(h.dtype)),
-            PROD=tl_dtype(compute_dtype(h.dtype, a.dtype)),
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-        )
+        with on_device(h):
+            _layer_perturb_fwd_kernel[(num_programs(n),)](
+                h,
+                s,
+                a,
+                out,
+                n,
+                COMPUTE=tl_dtype(compute_dtype(h.dtype)),
+                PROD=tl_dtype(compute_dtype(h.dtype, a.dtype)),
+                BLOCK_SIZE=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
     return out
 
 
@@ -77,10 +79,13 @@ def layer_perturb_bwd(grad_out: torch.Tensor, s: torch.Tensor, dtype: torch.dtyp
 
     Accumulates in fp32 (fp64 when ``dtype`` or ``grad_out`` is fp64); pass ``dtype=a.dtype``.
     """
+    check_layout("layer_perturb_bwd", grad_out=grad_out, s=s)
     acc = compute_dtype(grad_out.dtype, dtype or torch.float32)
     n = grad_out.numel()
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=acc, device=grad_out.device)  # every program writes its partial
     if n > 0:
-        _layer_perturb_bwd_kernel[(grid,)](grad_out, s, partials, n, ACC=tl_dtype(acc), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+        with on_device(grad_out):
+            _layer_perturb_bwd_kernel[(grid,)](grad_out, s, partials, n, ACC=tl_dtype(acc), BLOCK_SIZE=BLOCK_SIZE,
+                                               num_warps=NUM_WARPS)
     return sum_partials(partials, None, dtype or acc)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import BLOCK_SIZE, NUM_WARPS, num_programs
+from ._utils import BLOCK_SIZE, NUM_WARPS, check_layout, num_programs, on_device
 
 
 @triton.jit
@@ -20,9 +20,11 @@ def _pack_sign_fwd_kernel(g_ptr, s_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
 
 
 def pack_sign(g: torch.Tensor) -> torch.Tensor:
-    """``torch.sign(g).to(torch.int8)``, same shape as ``g``."""
-    s = torch.empty(g.shape, dtype=torch.int8, device=g.device)
+    """``torch.sign(g).to(torch.int8)``, same shape and memory format as ``g``."""
+    check_layout("pack_sign", g=g)
+    s = torch.empty_like(g, dtype=torch.int8)
     n = g.numel()
     if n > 0:
-        _pack_sign_fwd_kernel[(num_programs(n),)](g, s, n, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+        with on_device(g):
+                _pack_sign_fwd_kernel[(num_programs(n),)](g, s, n, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return s

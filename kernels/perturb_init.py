@@ -16,11 +16,14 @@ import triton.language as tl
 from ._utils import (
     BLOCK_SIZE,
     NUM_WARPS,
+    check_layout,
     clamp,
     clamp_grad_passes_at_bound,
     compute_dtype,
     inside,
     num_programs,
+    on_device,
+    rounds_bound,
     split_scalar,
     step_dtype,
     sum_partials,
@@ -31,13 +34,14 @@ from ._utils import (
 
 @triton.jit
 def _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
-                         PROD: tl.constexpr, ROUND_A: tl.constexpr):
+                         PROD: tl.constexpr, ROUND_A: tl.constexpr, ROUND_EPS: tl.constexpr):
     """Forward and backward alike: x, omega, ``v = a_init*omega`` and eps, rounded where the reference rounds."""
     odt = omega_ptr.dtype.element_ty
     a = tl.load(a_init_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
     if ROUND_A:
         a = a.to(odt)
+    if ROUND_EPS:
         eps = eps.to(odt).to(PROD)
     a = a.to(PROD)
     omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
@@ -61,14 +65,15 @@ def _perturb_init_fwd_kernel(
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
     PROD: tl.constexpr,  # arithmetic dtype of a_init*omega in the reference (see _utils.step_dtype)
-    ROUND_A: tl.constexpr,  # 0-d a_init, fp16/bf16 omega: a_init, a_init*omega and eps are omega's dtype
+    ROUND_A: tl.constexpr,  # 0-d a_init, fp16/bf16 omega: a_init and a_init*omega are omega's dtype
+    ROUND_EPS: tl.constexpr,  # eps is rounded to the data's dtype too (ROUND_A on CPU tensors: _utils.rounds_bound)
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
-                                            PROD, ROUND_A)
+                                            PROD, ROUND_A, ROUND_EPS)
     d0 = clamp(v, -eps, eps).to(x0_ptr.dtype.element_ty)
     x0 = clamp(x + d0.to(COMPUTE), 0.0, 1.0)
     tl.store(d0_ptr + offs, d0, mask=mask)
@@ -93,6 +98,7 @@ def _perturb_init_bwd_kernel(
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     ROUND_A: tl.constexpr,
+    ROUND_EPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -100,7 +106,7 @@ def _perturb_init_bwd_kernel(
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
     x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
-                                            PROD, ROUND_A)
+                                            PROD, ROUND_A, ROUND_EPS)
     m_eps0 = inside(v, -eps, eps, BOUND_PASSES)
     d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.
@@ -120,27 +126,31 @@ def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor,
     """``(x0, d0)`` in x's dtype; ``omega`` may have another dtype, ``a_init`` is a one-element tensor.
 
     A 0-d ``a_init`` rounds like the reference's (cast to omega's dtype before the product), a (1,) one does not.
+    ``x`` dense in any memory format, ``omega`` laid out like it; the outputs keep that layout.
     """
+    check_layout("perturb_init_fwd", x=x, omega=omega)
     x0 = torch.empty_like(x)
     d0 = torch.empty_like(x)
     n = x.numel()
     if n == 0:
         return x0, d0
     prod, round_a = step_dtype(a_init, omega.dtype)
-    _perturb_init_fwd_kernel[(num_programs(n),)](
-        x,
-        omega,
-        a_init,
-        x0,
-        d0,
-        n,
-        *split_scalar(float(eps)),
-        COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-        PROD=tl_dtype(prod),
-        ROUND_A=round_a,
-        BLOCK_SIZE=BLOCK_SIZE,
-        num_warps=NUM_WARPS,
-    )
+    with on_device(x):
+        _perturb_init_fwd_kernel[(num_programs(n),)](
+            x,
+            omega,
+            a_init,
+            x0,
+            d0,
+            n,
+            *split_scalar(float(eps)),
+            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+            PROD=tl_dtype(prod),
+            ROUND_A=round_a,
+            ROUND_EPS=rounds_bound(x, round_a),
+            BLOCK_SIZE=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
     return x0, d0
 
 
@@ -153,28 +163,31 @@ def perturb_init_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_a_init)``: ``grad_x`` in x's dtype, ``grad_a_init`` shaped and typed like ``a_init``."""
+    check_layout("perturb_init_bwd", x=x, omega=omega, grad_x0=grad_x0, grad_d0=grad_d0)
     grad_x = torch.empty_like(x)
     n = x.numel()
     prod, round_a = step_dtype(a_init, omega.dtype)
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
-        _perturb_init_bwd_kernel[(grid,)](
-            grad_x0,
-            grad_d0 if grad_d0 is not None else grad_x0,
-            x,
-            omega,
-            a_init,
-            grad_x,
-            partials,
-            n,
-            *split_scalar(float(eps)),
-            BOUND_PASSES=clamp_grad_passes_at_bound(),
-            HAS_GRAD_D=grad_d0 is not None,
-            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-            PROD=tl_dtype(prod),
-            ROUND_A=round_a,
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-        )
+        with on_device(x):
+            _perturb_init_bwd_kernel[(grid,)](
+                grad_x0,
+                grad_d0 if grad_d0 is not None else grad_x0,
+                x,
+                omega,
+                a_init,
+                grad_x,
+                partials,
+                n,
+                *split_scalar(float(eps)),
+                BOUND_PASSES=clamp_grad_passes_at_bound(),
+                HAS_GRAD_D=grad_d0 is not None,
+                COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+                PROD=tl_dtype(prod),
+                ROUND_A=round_a,
+                ROUND_EPS=rounds_bound(x, round_a),
+                BLOCK_SIZE=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
     return grad_x, sum_partials(partials, a_init, a_init.dtype)

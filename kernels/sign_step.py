@@ -13,11 +13,14 @@ import triton.language as tl
 from ._utils import (
     BLOCK_SIZE,
     NUM_WARPS,
+    check_layout,
     clamp,
     clamp_grad_passes_at_bound,
     compute_dtype,
     inside,
     num_programs,
+    on_device,
+    rounds_bound,
     sign_of,
     split_scalar,
     step_dtype,
@@ -29,13 +32,14 @@ from ._utils import (
 
 @triton.jit
 def _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
-                      PROD: tl.constexpr, ROUND_A: tl.constexpr):
+                      PROD: tl.constexpr, ROUND_A: tl.constexpr, ROUND_EPS: tl.constexpr):
     """Forward and backward alike: x, sign(g), ``v = d + a*sign(g)`` and eps, rounded where the reference rounds."""
     ddt = d_ptr.dtype.element_ty
     a = tl.load(a_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
     if ROUND_A:
         a = a.to(ddt)
+    if ROUND_EPS:
         eps = eps.to(ddt).to(PROD)
     a = a.to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -61,7 +65,8 @@ def _sign_step_fwd_kernel(
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
     PROD: tl.constexpr,  # arithmetic dtype of d + a*sign(g) in the reference (see _utils.step_dtype)
-    ROUND_A: tl.constexpr,  # 0-d a, fp16/bf16 d: a, a*sign(g), d + a*sign(g) and eps are d's dtype
+    ROUND_A: tl.constexpr,  # 0-d a, fp16/bf16 d: a, a*sign(g) and d + a*sign(g) are d's dtype
+    ROUND_EPS: tl.constexpr,  # eps is rounded to d's dtype too (ROUND_A on CPU tensors: _utils.rounds_bound)
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -69,7 +74,7 @@ def _sign_step_fwd_kernel(
     mask = offs < n_elements
     dtype = x1_ptr.dtype.element_ty
     x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
-                                     ROUND_A)
+                                     ROUND_A, ROUND_EPS)
     d1 = clamp(v, -eps, eps).to(dtype)
     x1 = clamp(x + d1.to(COMPUTE), 0.0, 1.0)
     tl.store(d1_ptr + offs, d1, mask=mask)
@@ -96,6 +101,7 @@ def _sign_step_bwd_kernel(
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     ROUND_A: tl.constexpr,
+    ROUND_EPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -103,7 +109,7 @@ def _sign_step_bwd_kernel(
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
     x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
-                                     ROUND_A)
+                                     ROUND_A, ROUND_EPS)
     m_eps1 = inside(v, -eps, eps, BOUND_PASSES)
     d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.
@@ -121,28 +127,34 @@ def _sign_step_bwd_kernel(
 
 
 def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x1, d1)`` in x's dtype; ``g`` of any floating dtype (only its sign is read), ``a`` one element."""
+    """``(x1, d1)`` in x's dtype; ``g`` of any floating dtype (only its sign is read), ``a`` one element.
+
+    ``x`` dense in any memory format, ``d`` and ``g`` laid out like it; the outputs keep that layout.
+    """
+    check_layout("sign_step_fwd", x=x, d=d, g=g)
     x1 = torch.empty_like(x)
     d1 = torch.empty_like(x)
     n = x.numel()
     if n == 0:
         return x1, d1
     prod, round_a = step_dtype(a, d.dtype)
-    _sign_step_fwd_kernel[(num_programs(n),)](
-        x,
-        d,
-        g,
-        a,
-        x1,
-        d1,
-        n,
-        *split_scalar(float(eps)),
-        COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-        PROD=tl_dtype(prod),
-        ROUND_A=round_a,
-        BLOCK_SIZE=BLOCK_SIZE,
-        num_warps=NUM_WARPS,
-    )
+    with on_device(x):
+        _sign_step_fwd_kernel[(num_programs(n),)](
+            x,
+            d,
+            g,
+            a,
+            x1,
+            d1,
+            n,
+            *split_scalar(float(eps)),
+            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+            PROD=tl_dtype(prod),
+            ROUND_A=round_a,
+            ROUND_EPS=rounds_bound(x, round_a),
+            BLOCK_SIZE=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
     return x1, d1
 
 
@@ -156,6 +168,7 @@ def sign_step_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_d, grad_a)``: like ``x``, like ``d``, and shaped and typed like ``a``."""
+    check_layout("sign_step_bwd", x=x, d=d, g=g, grad_x1=grad_x1, grad_d1=grad_d1)
     grad_x = torch.empty_like(x)
     grad_d = torch.empty_like(d)
     n = x.numel()
@@ -163,24 +176,26 @@ def sign_step_bwd(
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
-        _sign_step_bwd_kernel[(grid,)](
-            grad_x1,
-            grad_d1 if grad_d1 is not None else grad_x1,
-            x,
-            d,
-            g,
-            a,
-            grad_x,
-            grad_d,
-            partials,
-            n,
-            *split_scalar(float(eps)),
-            BOUND_PASSES=clamp_grad_passes_at_bound(),
-            HAS_GRAD_D=grad_d1 is not None,
-            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-            PROD=tl_dtype(prod),
-            ROUND_A=round_a,
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-        )
+        with on_device(x):
+            _sign_step_bwd_kernel[(grid,)](
+                grad_x1,
+                grad_d1 if grad_d1 is not None else grad_x1,
+                x,
+                d,
+                g,
+                a,
+                grad_x,
+                grad_d,
+                partials,
+                n,
+                *split_scalar(float(eps)),
+                BOUND_PASSES=clamp_grad_passes_at_bound(),
+                HAS_GRAD_D=grad_d1 is not None,
+                COMPUTE=tl_dtype(compute_dtype(x.dtype)),
+                PROD=tl_dtype(prod),
+                ROUND_A=round_a,
+                ROUND_EPS=rounds_bound(x, round_a),
+                BLOCK_SIZE=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
     return grad_x, grad_d, sum_partials(partials, a, a.dtype)

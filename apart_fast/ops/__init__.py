@@ -4,7 +4,9 @@
 PyTorch reference, and CPU tensors on the C++ extension if built, else the reference; the
 environment variable ``APART_FAST_BACKEND`` overrides it (see ``dispatch.py``; ``python -m
 apart_fast.info`` reports what is available). ``"torch"`` is the reference itself (``reference.py``)
-with PyTorch autograd. Non-contiguous inputs are made contiguous before a kernel sees them.
+with PyTorch autograd. The fused backends keep the memory format: dense inputs that share one (NCHW,
+channels_last, ...) reach the kernels as they are and the outputs have it too; a strided view, or an
+argument laid out unlike the op's first tensor, is copied once into that layout (``dispatch.shared_layout``).
 
 The compiled backends are also registered as ``torch.library`` custom ops (``torch.ops.apart_fast.*``,
 see ``functions.py``): under ``torch.compile`` (and ``torch.export``) these functions call them, so a
@@ -21,10 +23,6 @@ from apart_fast.ops import dispatch as _dispatch
 from apart_fast.ops import functions as _fn
 from apart_fast.ops import reference
 from apart_fast.ops.functions import LayerPerturb, PerturbInit, SignStep
-
-
-def _c(t: Tensor) -> Tensor:
-    return t.contiguous()
 
 
 def _compiling() -> bool:
@@ -45,7 +43,7 @@ def perturb_init(x: Tensor, omega: Tensor, a_init: Tensor, eps: float, backend: 
         return reference.perturb_init(x, omega, a_init, eps)
     if _compiling():
         return _fn.perturb_init_op(x, omega, a_init, eps, name)
-    return PerturbInit.apply(_c(x), _c(omega), a_init, eps, name)
+    return PerturbInit.apply(*_dispatch.shared_layout(x, omega), a_init, eps, name)
 
 
 def sign_step(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -61,11 +59,12 @@ def sign_step(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: s
         return reference.sign_step(x, d, g, a, eps)
     if _compiling():
         return _fn.sign_step_op(x, d, g.detach(), a, eps, name)
-    return SignStep.apply(_c(x), _c(d), _c(g).detach(), a, eps, name)
+    x, d, g = _dispatch.shared_layout(x, d, g.detach())
+    return SignStep.apply(x, d, g, a, eps, name)
 
 
 def pack_sign(g: Tensor, backend: str = "auto") -> Tensor:
-    """``sign(g)`` as int8 (-1, 0, 1), contiguous: a quarter of an fp32 gradient's memory. Not differentiable."""
+    """``sign(g)`` as int8 (-1, 0, 1) in g's memory format: a quarter of an fp32 gradient's memory. Not differentiable."""
     name = _dispatch.resolve(backend, g.device)
     _dispatch.check_data("pack_sign", name, g=g)
     with torch.no_grad():
@@ -73,7 +72,7 @@ def pack_sign(g: Tensor, backend: str = "auto") -> Tensor:
             return reference.pack_sign(g)
         if _compiling():
             return _fn.pack_sign_op(g, name)
-        return _dispatch.module(name).pack_sign(_c(g))
+        return _dispatch.module(name).pack_sign(_dispatch.dense(g))
 
 
 def layer_perturb(h: Tensor, s: Tensor, a: Tensor, backend: str = "auto") -> Tensor:
@@ -90,7 +89,13 @@ def layer_perturb(h: Tensor, s: Tensor, a: Tensor, backend: str = "auto") -> Ten
         return reference.layer_perturb(h, s, a)
     if _compiling():
         return _fn.layer_perturb_op(h, s, a, name)
-    return LayerPerturb.apply(_c(h), _c(s), a, name)
+    return LayerPerturb.apply(*_dispatch.shared_layout(h, s), a, name)
+
+
+def _check_store(op: str, store: Tensor) -> None:
+    if store.dim() == 4 and not _dispatch.is_dense(store):
+        raise ValueError(f"{op}: store with strides {store.stride()} is not dense (it is read and written in place "
+                         "through its strides); allocate it dense, in any memory format")
 
 
 def _window_args(op: str, store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, batch: int | None = None):
@@ -108,17 +113,20 @@ def _window_args(op: str, store: Tensor, index: Tensor, crop: Tensor, flip: Tens
             raise ValueError(f"{op}: {name} is on {t.device} but store is on {store.device}; move {name} there")
         if t.is_floating_point():
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; pass integer (flip: bool) tensors")
-    return _c(index.to(torch.int64)), _c(crop.to(torch.int64)), _c(flip.to(torch.bool))
+    return (index.to(torch.int64).contiguous(), crop.to(torch.int64).contiguous(),
+            flip.to(torch.bool).contiguous())
 
 
 def omega_gather(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, size: tuple[int, int],
                  backend: str = "auto") -> Tensor:
     """Each example's initialisation ``(B, C, H, W)``: its store row cropped at ``crop`` (dy, dx), then flipped.
 
+    The output has the store's memory format (allocate the store channels_last for channels_last batches).
     No autograd; no host sync on CUDA (window bounds are trusted there; the CPU backend checks them).
     """
     name = _dispatch.resolve(backend, store.device)
     _dispatch.check_data("omega_gather", name, store=store)
+    _check_store("omega_gather", store)
     index, crop, flip = _window_args("omega_gather", store, index, crop, flip)
     h, w = int(size[0]), int(size[1])
     with torch.no_grad():
@@ -127,7 +135,7 @@ def omega_gather(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, size:
         src = reference.first_position(index)
         if _compiling():
             return _fn.omega_gather_op(store, index, crop, flip, src, h, w, name)
-        return _dispatch.module(name).omega_gather(_c(store), index, crop, flip, src, h, w)
+        return _dispatch.module(name).omega_gather(store, index, crop, flip, src, h, w)
 
 
 def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Tensor, ratio: Tensor | float,
@@ -135,13 +143,13 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
     """In place: ``omega <- clamp(omega + ratio*sign(g), -1, 1)`` written back through each example's crop and flip.
 
     An example present several times in the batch is updated once, from its first occurrence.
-    ``store`` must be contiguous (it is written in place). ``ratio``: a one-element tensor (graph-safe)
-    or a Python float (copied to the device).
+    ``store`` must be dense (it is written in place), in any memory format; ``g`` may have any strides.
+    ``ratio``: a one-element tensor (graph-safe) or a Python float (copied to the device as a 0-d tensor,
+    which rounds in fp16/bf16 as the reference's Python scalar does).
     """
     name = _dispatch.resolve(backend, store.device)
     _dispatch.check_data("omega_update", name, store=store)
-    if not store.is_contiguous():
-        raise ValueError("omega_update: store must be contiguous (it is updated in place); allocate it contiguous")
+    _check_store("omega_update", store)
     if g.dim() != 4 or g.shape[1] != store.shape[1] or g.shape[2] > store.shape[2] or g.shape[3] > store.shape[3]:
         raise ValueError(f"omega_update: g must be (B, {store.shape[1]}, H, W) with H, W within the store's frame "
                          f"{tuple(store.shape[2:])}, got shape {tuple(g.shape)}")
@@ -160,12 +168,12 @@ def omega_update(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, g: Te
             return
         if not isinstance(ratio, Tensor):
             acc = torch.float64 if store.dtype == torch.float64 else torch.float32
-            ratio = torch.full((1,), float(ratio), dtype=acc, device=store.device)
+            ratio = torch.tensor(float(ratio), dtype=acc, device=store.device)
         src = reference.first_position(index)
         if _compiling():
             _fn.omega_update_op(store, index, crop, flip, src, g, ratio, name)
             return
-        _dispatch.module(name).omega_update(store, index, crop, flip, src, _c(g), ratio.contiguous())
+        _dispatch.module(name).omega_update(store, index, crop, flip, src, g, ratio.contiguous())
 
 
 def pgd_step(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backend: str = "auto") -> Tensor:
@@ -180,7 +188,7 @@ def pgd_step(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backe
             return reference.pgd_step(x_adv, x, g, float(step), eps)
         if _compiling():
             return _fn.pgd_step_op(x_adv, x, g, float(step), eps, name)
-        return _dispatch.module(name).pgd_step(_c(x_adv), _c(x), _c(g), float(step), eps)
+        return _dispatch.module(name).pgd_step(*_dispatch.shared_layout(x_adv, x, g), float(step), eps)
 
 
 __all__ = [

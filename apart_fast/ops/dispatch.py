@@ -11,8 +11,12 @@ Availability is probed once per process (``functools.cache``) and only on first 
 this module touches neither the extensions nor ``torch.cuda``. A backend that failed to load keeps
 its error, which is raised (with the fix) only when that backend is asked for.
 
-The dispatch layer makes every tensor argument contiguous before a compiled/Triton backend sees it
-(a copy for non-contiguous inputs such as ``t[::2]``, channels_last or transposed tensors).
+Layout: the compiled/Triton backends run the elementwise ops over memory order, so they take dense
+tensors in any memory format (NCHW, channels_last, any permutation) as long as the tensors of one op
+share it, and allocate their outputs with ``empty_like`` (same layout). ``dense`` and ``like`` below
+give the arguments of one op that shared layout: nothing is copied when they already have it (the
+channels_last activations of a channels_last model stay channels_last); a strided view (``t[::2]``)
+or an argument in another layout than the op's first tensor costs one copy.
 """
 
 from __future__ import annotations
@@ -112,6 +116,39 @@ def module(name: str) -> ModuleType:
     mod, _ = load(name)
     assert mod is not None, name
     return mod
+
+
+# ---- memory layout ----
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense in some memory format (its elements fill ``numel`` slots)."""
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
+        if stride != expected:
+            return t.numel() == 0
+        expected *= size
+    return True
+
+
+def same_layout(t: Tensor, ref: Tensor) -> bool:
+    """Whether ``t`` has ``ref``'s shape and strides (strides of size-1 dimensions never matter)."""
+    return t.shape == ref.shape and all(t.stride(d) == ref.stride(d) for d in range(t.dim()) if t.size(d) != 1)
+
+
+def dense(t: Tensor) -> Tensor:
+    """``t`` itself when dense (any memory format), else one dense copy in the memory format it suggests."""
+    return t if is_dense(t) else torch.empty_like(t).copy_(t)
+
+
+def like(ref: Tensor, t: Tensor) -> Tensor:
+    """``t`` laid out like the dense ``ref``: itself when it already is, else one copy in ``ref``'s layout."""
+    return t if same_layout(t, ref) else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def shared_layout(first: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """The tensors of one elementwise op in one dense layout: ``first``'s (made dense if needed)."""
+    ref = dense(first)
+    return (ref, *(like(ref, t) for t in rest))
 
 
 # ---- input checks (one-line errors naming the value and the fix) ----

@@ -11,7 +11,9 @@ Two entry points share one forward/backward definition:
 The backend is a ``str`` argument of each custom op (``"cpp"``, ``"cuda"``, ``"triton"`` or ``"auto"``);
 the reference (``"torch"``) is plain PyTorch and never goes through them. Each op saves only its
 inputs (``layer_perturb`` only the int8 sign) and recomputes masks in backward; backward is not itself
-differentiable. Nothing syncs with the host, so the ops can be captured in a CUDA graph. Step-size
+differentiable. Tensors reach the kernels in one shared dense layout (``dispatch.shared_layout``: the memory
+format of the op's first tensor, channels_last included; outputs and fake kernels use ``empty_like``, so a
+compiled graph sees the same strides). Nothing syncs with the host, so the ops can be captured in a CUDA graph. Step-size
 gradients come back from the backend as one-element fp32 (fp64) sums and are cast to the step size's
 dtype and shape here. Requires torch >= 2.4 (``torch.library.custom_op``), which setup.py pins.
 """
@@ -54,7 +56,21 @@ def _impl(backend: str, like: Tensor) -> ModuleType:
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
+    """What a kernel allocates for an output like ``like``: ``empty_like`` of its dense layout."""
+    return torch.empty_like(like, dtype=dtype or like.dtype)
+
+
+_layout = _dispatch.shared_layout
+
+
+def _grad_like(ref: Tensor, grad: Tensor | None) -> Tensor | None:
+    return None if grad is None else _dispatch.like(ref, grad)
+
+
+def _store_format(store: Tensor) -> torch.memory_format:
+    """The memory format of omega_gather's output: the store's (channels_last or contiguous)."""
+    cl = store.is_contiguous(memory_format=torch.channels_last) and not store.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 # ---- forward and backward custom ops (opaque to the compiler; fake kernels give shapes) ----
@@ -63,7 +79,7 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
                          schema="(Tensor x, Tensor omega, Tensor a_init, float eps, str backend) -> (Tensor, Tensor)")
 def perturb_init_op(x: Tensor, omega: Tensor, a_init: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """``(x0, d0)`` of ``apart_fast.ops.perturb_init`` on a compiled backend."""
-    return _impl(backend, x).perturb_init_fwd(x.contiguous(), omega.contiguous(), _as_step(a_init), eps)
+    return _impl(backend, x).perturb_init_fwd(*_layout(x, omega), _as_step(a_init), eps)
 
 
 @perturb_init_op.register_fake
@@ -77,8 +93,8 @@ def _(x: Tensor, omega: Tensor, a_init: Tensor, eps: float, backend: str) -> tup
 def perturb_init_bwd_op(grad_x0: Tensor, grad_d0: Tensor | None, x: Tensor, omega: Tensor, a_init: Tensor, eps: float,
                         backend: str) -> tuple[Tensor, Tensor]:
     """``(dL/dx, dL/da_init)`` with dL/da_init a (1,) fp32 (fp64) sum."""
-    gd = None if grad_d0 is None else grad_d0.contiguous()
-    return _impl(backend, x).perturb_init_bwd(grad_x0.contiguous(), gd, x.contiguous(), omega.contiguous(),
+    x, omega = _layout(x, omega)
+    return _impl(backend, x).perturb_init_bwd(_grad_like(x, grad_x0), _grad_like(x, grad_d0), x, omega,
                                               _as_step(a_init), eps)
 
 
@@ -92,7 +108,7 @@ def _(grad_x0: Tensor, grad_d0: Tensor | None, x: Tensor, omega: Tensor, a_init:
                          schema="(Tensor x, Tensor d, Tensor g, Tensor a, float eps, str backend) -> (Tensor, Tensor)")
 def sign_step_op(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """``(x1, d1)`` of ``apart_fast.ops.sign_step`` on a compiled backend."""
-    return _impl(backend, x).sign_step_fwd(x.contiguous(), d.contiguous(), g.contiguous(), _as_step(a), eps)
+    return _impl(backend, x).sign_step_fwd(*_layout(x, d, g), _as_step(a), eps)
 
 
 @sign_step_op.register_fake
@@ -106,9 +122,8 @@ def _(x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float, backend: str) -> t
 def sign_step_bwd_op(grad_x1: Tensor, grad_d1: Tensor | None, x: Tensor, d: Tensor, g: Tensor, a: Tensor, eps: float,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dL/dx, dL/dd, dL/da)`` with dL/da a (1,) fp32 (fp64) sum."""
-    gd = None if grad_d1 is None else grad_d1.contiguous()
-    return _impl(backend, x).sign_step_bwd(grad_x1.contiguous(), gd, x.contiguous(), d.contiguous(), g.contiguous(),
-                                           _as_step(a), eps)
+    x, d, g = _layout(x, d, g)
+    return _impl(backend, x).sign_step_bwd(_grad_like(x, grad_x1), _grad_like(x, grad_d1), x, d, g, _as_step(a), eps)
 
 
 @sign_step_bwd_op.register_fake
@@ -121,7 +136,7 @@ def _(grad_x1: Tensor, grad_d1: Tensor | None, x: Tensor, d: Tensor, g: Tensor, 
                          schema="(Tensor h, Tensor s, Tensor a, str backend) -> Tensor")
 def layer_perturb_op(h: Tensor, s: Tensor, a: Tensor, backend: str) -> Tensor:
     """``h + a*s`` of ``apart_fast.ops.layer_perturb`` on a compiled backend."""
-    return _impl(backend, h).layer_perturb_fwd(h.contiguous(), s.contiguous(), _as_step(a))
+    return _impl(backend, h).layer_perturb_fwd(*_layout(h, s), _as_step(a))
 
 
 @layer_perturb_op.register_fake
@@ -133,7 +148,7 @@ def _(h: Tensor, s: Tensor, a: Tensor, backend: str) -> Tensor:
                          schema="(Tensor grad_out, Tensor s, str backend) -> Tensor")
 def layer_perturb_bwd_op(grad_out: Tensor, s: Tensor, backend: str) -> Tensor:
     """``dL/da = sum(dL/dout * s)`` as a (1,) fp32 (fp64) tensor."""
-    return _impl(backend, grad_out).layer_perturb_bwd(grad_out.contiguous(), s.contiguous())
+    return _impl(backend, grad_out).layer_perturb_bwd(*_layout(grad_out, s))
 
 
 @layer_perturb_bwd_op.register_fake
@@ -144,7 +159,7 @@ def _(grad_out: Tensor, s: Tensor, backend: str) -> Tensor:
 @torch.library.custom_op(f"{NAMESPACE}::pack_sign", mutates_args=(), schema="(Tensor g, str backend) -> Tensor")
 def pack_sign_op(g: Tensor, backend: str) -> Tensor:
     """``sign(g)`` as int8; not differentiable."""
-    return _impl(backend, g).pack_sign(g.contiguous())
+    return _impl(backend, g).pack_sign(_dispatch.dense(g))
 
 
 @pack_sign_op.register_fake
@@ -156,12 +171,12 @@ def _(g: Tensor, backend: str) -> Tensor:
                          schema="(Tensor x_adv, Tensor x, Tensor g, float step, float eps, str backend) -> Tensor")
 def pgd_step_op(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backend: str) -> Tensor:
     """One PGD step; not differentiable."""
-    return _impl(backend, x).pgd_step(x_adv.contiguous(), x.contiguous(), g.contiguous(), step, eps)
+    return _impl(backend, x).pgd_step(*_layout(x_adv, x, g), step, eps)
 
 
 @pgd_step_op.register_fake
 def _(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backend: str) -> Tensor:
-    return _empty(x)
+    return _empty(x_adv)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::omega_gather", mutates_args=(),
@@ -170,12 +185,13 @@ def _(x_adv: Tensor, x: Tensor, g: Tensor, step: float, eps: float, backend: str
 def omega_gather_op(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, src: Tensor, h: int, w: int,
                     backend: str) -> Tensor:
     """Each example's (C, h, w) window of the store, flipped where asked; not differentiable."""
-    return _impl(backend, store).omega_gather(store.contiguous(), index, crop, flip, src, h, w)
+    return _impl(backend, store).omega_gather(store, index, crop, flip, src, h, w)
 
 
 @omega_gather_op.register_fake
 def _(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, src: Tensor, h: int, w: int, backend: str) -> Tensor:
-    return store.new_empty((index.shape[0], store.shape[1], h, w))
+    return torch.empty((index.shape[0], store.shape[1], h, w), dtype=store.dtype, device=store.device,
+                       memory_format=_store_format(store))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::omega_update", mutates_args=("store",),
@@ -183,8 +199,8 @@ def _(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, src: Tensor, h: 
                                 "Tensor ratio, str backend) -> ()")
 def omega_update_op(store: Tensor, index: Tensor, crop: Tensor, flip: Tensor, src: Tensor, g: Tensor, ratio: Tensor,
                     backend: str) -> None:
-    """In place on ``store`` (contiguous): ``clamp(omega + ratio*sign(g), -1, 1)`` through each window."""
-    _impl(backend, store).omega_update(store, index, crop, flip, src, g.contiguous(), _as_step(ratio))
+    """In place on ``store`` (dense, any layout): ``clamp(omega + ratio*sign(g), -1, 1)`` through each window."""
+    _impl(backend, store).omega_update(store, index, crop, flip, src, g, _as_step(ratio))
 
 
 @omega_update_op.register_fake
@@ -207,8 +223,8 @@ def _init_backward(saved: tuple[Tensor, ...], eps: float, backend: str, grad_x0:
     if op:
         grad_x, grad_a = perturb_init_bwd_op(grad_x0, grad_d0, x, omega, a_init, eps, backend)
     else:
-        gd = None if grad_d0 is None else grad_d0.contiguous()
-        grad_x, grad_a = _impl(backend, x).perturb_init_bwd(grad_x0.contiguous(), gd, x, omega, _as_step(a_init), eps)
+        grad_x, grad_a = _impl(backend, x).perturb_init_bwd(_grad_like(x, grad_x0), _grad_like(x, grad_d0), x, omega,
+                                                            _as_step(a_init), eps)
     return grad_x, _like_step(grad_a, a_init)
 
 
@@ -221,8 +237,8 @@ def _step_backward(saved: tuple[Tensor, ...], eps: float, backend: str, grad_x1:
     if op:
         grad_x, grad_d, grad_a = sign_step_bwd_op(grad_x1, grad_d1, x, d, g, a, eps, backend)
     else:
-        gd = None if grad_d1 is None else grad_d1.contiguous()
-        grad_x, grad_d, grad_a = _impl(backend, x).sign_step_bwd(grad_x1.contiguous(), gd, x, d, g, _as_step(a), eps)
+        grad_x, grad_d, grad_a = _impl(backend, x).sign_step_bwd(_grad_like(x, grad_x1), _grad_like(x, grad_d1), x, d, g,
+                                                                 _as_step(a), eps)
     return grad_x, grad_d, _like_step(grad_a, a)
 
 
@@ -231,7 +247,7 @@ def _layer_grad_a(grad_out: Tensor, s: Tensor, backend: str, a_dtype: torch.dtyp
     if op:
         grad_a = layer_perturb_bwd_op(grad_out, s, backend)
     else:
-        grad_a = _impl(backend, grad_out).layer_perturb_bwd(grad_out.contiguous(), s)
+        grad_a = _impl(backend, grad_out).layer_perturb_bwd(*_layout(grad_out, s))
     return grad_a.to(a_dtype).reshape(a_shape)
 
 

@@ -105,8 +105,10 @@ def test_cpp_kernel_checks(fused: str) -> None:
     x, d, g, _ = _inputs()
     with pytest.raises(RuntimeError, match="d has dtype Half but x has Float"):
         mod.sign_step_fwd(x, d.half(), g, torch.ones(1), 0.03)
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        mod.sign_step_fwd(x.transpose(2, 3), d, g, torch.ones(1), 0.03)
+    with pytest.raises(RuntimeError, match=r"d has strides .* but x has .*; pass tensors of one memory format"):
+        mod.sign_step_fwd(x.transpose(2, 3), d.transpose(2, 3).contiguous(), g.transpose(2, 3), torch.ones(1), 0.03)
+    with pytest.raises(RuntimeError, match=r"x with strides .* is not dense"):
+        mod.sign_step_fwd(x[:, :, ::2], d[:, :, ::2], g[:, :, ::2], torch.ones(1), 0.03)
     store = torch.zeros(3, 1, 6, 6)
     idx, crop, flip = torch.tensor([0, 3]), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"index\[1\] = 3 is outside"):
