@@ -238,3 +238,45 @@ def test_backward_deterministic(fused: str) -> None:
         x1, d1 = ops.sign_step(x, d, g, a, EPS, backend=fused)
         res.append(torch.autograd.grad(x1, [a], go)[0])
     assert_exact(res[0], res[1], "dL/da")
+
+
+# eps = 8/255 is not an fp16/bf16 number: its rounding decides the masks and the projection where a bound binds.
+E8 = 8 / 255
+
+
+@pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape) -> None:
+    """A 0-d step size rounds to the data's dtype (and so do d + a*s and, on the CPU, eps); a (1,) one computes in
+    fp32 against an fp32 eps. Elements land exactly on eps rounded to the dtype, below the fp32 eps: the mask there
+    tells the two conventions apart, and the random part tells their roundings apart."""
+    a_val = 2.0**-6  # exact in every dtype: e_lo - a is exact too (Sterbenz), so d + a lands on e_lo
+    e_lo = torch.tensor(E8, dtype=dtype).item()
+    e_hi = torch.nextafter(torch.tensor(e_lo, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
+    eps = e_lo + (e_hi - e_lo) / 4  # rounds down to e_lo in the dtype, and in fp32 stays above it
+    n = 600
+    d = torch.full((n,), e_lo - a_val, dtype=torch.float64)  # sign_step: d + a_val lands on e_lo
+    d[2::4] = e_lo  # perturb_init (omega = 2d, a_init = 1/2): a_init*omega lands on e_lo
+    d[1::2] = rand((n // 2,), torch.float64, 50, -E8, E8)  # random d: sums that round differently
+    d = d.to(dtype).reshape(2, 3, 10, 10)
+    g = torch.ones(d.shape, dtype=dtype)
+    g.view(-1)[1::2] = randn((n // 2,), dtype, 51)
+    x = rand(d.shape, dtype, 52, 0.1, 0.9)
+    go_x, go_d = randn(d.shape, dtype, 53, 0.0), randn(d.shape, dtype, 54, 0.0)
+    a = torch.full(a_shape, 0.0123) if a_shape == (1,) else torch.tensor(0.0123)
+    _check_step(backend, x, d, g, a, eps, go_x, go_d)
+    _check_step(backend, x, d, g, torch.full(a_shape, a_val), eps, go_x, go_d)  # the exact landing on e_lo
+    omega = (d.double() * 2).to(dtype)  # a_init*omega = d at a_init = 1/2: lands on e_lo too
+    _check_init(backend, x, omega, torch.full(a_shape, 0.5), eps, go_x, go_d)
+    _check_init(backend, x, omega, torch.full(a_shape, 0.0123 * 4), eps, go_x, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pgd_projection_binds(backend: str, dtype) -> None:
+    """x_adv = x and a step of 2 eps: every moved element is projected onto x -+ eps, whose rounding (eps rounded to
+    the dtype first on the CPU) shows in the result."""
+    x = rand((4, 3, 9, 11), dtype, 55, 0.05, 0.95)
+    g = randn(x.shape, dtype, 56)
+    new = ops.pgd_step(x, x, g, 2 * E8, E8, backend=backend)
+    assert_exact(new, R.pgd_step(x, x, g, 2 * E8, E8), "pgd")
+    assert bool((new != x).float().mean() > 0.9)

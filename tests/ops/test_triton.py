@@ -3,10 +3,10 @@
 Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set below, before Triton is
 imported); with one, the same tests run on CUDA tensors (marker ``gpu``) and add bf16.
 
-Exactness: the kernels round to the storage dtype wherever the reference holds a tensor of that dtype, so given
-the same ``g`` every sign/clamp/mask path and every elementwise output equals the reference bit for bit; only the
-step-size reductions (``dL/da``) and fp16/bf16 ``pgd_step`` (scalar rounding) carry a tolerance, justified where
-it is used.
+Exactness: the kernels round to the storage dtype wherever the reference holds a tensor of that dtype, and round
+a Python-scalar eps as the reference's kernels on the same device do (CPU: to fp16/bf16 first; CUDA: kept in fp32),
+so given the same ``g`` every sign/clamp/mask path and every elementwise output equals the reference on that device
+bit for bit; only the step-size reductions (``dL/da``) carry a tolerance, justified where it is used.
 """
 
 from __future__ import annotations
@@ -386,21 +386,120 @@ def test_omega_update(device, dtype, batch, w, ratio_dtype, ratio_value, step_sh
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_pgd_step(device, dtype, n):
+@pytest.mark.parametrize("binds", [False, True], ids=["random", "binds"])
+def test_pgd_step(device, dtype, n, binds):
+    """Exact against the reference on the same device: x -+ eps is formed with eps rounded to fp16/bf16 first on
+    CPU tensors (PyTorch's CPU kernels) and in fp32 on CUDA tensors. ``binds``: x_adv = x and a step of 2 eps, so
+    every moved element is projected onto x -+ eps."""
     x = _image(n, dtype, device, 60)
-    x_adv = (x + _delta(n, dtype, device, 61)).clamp(0, 1)
+    x_adv = x.clone() if binds else (x + _delta(n, dtype, device, 61)).clamp(0, 1)
     g = _grad(n, dtype, device, 62)
-    got = K.pgd_step(x_adv, x, g, 2 / 255, EPS)
-    ref = R.pgd_step(x_adv, x, g, 2 / 255, EPS)
+    step = 2 * EPS if binds else 2 / 255
+    got = K.pgd_step(x_adv, x, g, step, EPS)
     assert got.dtype == dtype
-    if dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    else:
-        # fp16/bf16: the kernel forms step*sign(g) and x -+ eps in fp32 before rounding to the storage dtype
-        # (as PyTorch's CUDA kernels do), PyTorch's CPU kernels round the python scalar to the storage dtype
-        # first; each result can then differ by one ulp, at most 2^-11 (fp16) / 2^-8 (bf16) on [0, 1].
-        ulp = 2.0**-11 if dtype == torch.float16 else 2.0**-8
-        torch.testing.assert_close(got, ref, rtol=0, atol=ulp)
+    torch.testing.assert_close(got, R.pgd_step(x_adv, x, g, step, EPS), rtol=0, atol=0)
+
+
+def test_scalar_conventions_where_eps_binds(device, dtype, step_shape):
+    """d + a*sign(g) and a_init*omega land exactly on eps rounded to the dtype, below eps itself: whether that
+    element passes the gradient depends on the step size's shape and (for a 0-d one) on the device's rounding of
+    eps; the kernels match the reference on their own device."""
+    n, a_val = 64, 2.0**-6
+    e_lo = torch.tensor(EPS, dtype=dtype).item()
+    e_hi = torch.nextafter(torch.tensor(e_lo, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
+    eps = e_lo + (e_hi - e_lo) / 4  # rounds down to e_lo in the dtype
+    d = torch.full((n,), e_lo - a_val, dtype=torch.float64)
+    d[1::2] = e_lo
+    d = d.to(dtype).to(device)
+    g = torch.ones(n, dtype=dtype, device=device)
+    g[1::2] = 0.0  # d + a*0 = e_lo
+    x = torch.full((n,), 0.5, dtype=dtype, device=device)
+    a = _a(a_val, device, shape=step_shape)
+    gx, gd = _grad(n, dtype, device, 70) + 3, _grad(n, dtype, device, 71) + 3
+    rx1, rd1, ref_gx, ref_gd, terms = _ref_sign_step(x, d, g, a, eps, gx, gd)
+    x1, d1 = K.sign_step_fwd(x, d, g, a, eps)
+    grad_x, grad_d, grad_a = K.sign_step_bwd(gx, gd, x, d, g, a, eps)
+    torch.testing.assert_close((x1, d1, grad_x, grad_d), (rx1, rd1, ref_gx, ref_gd), rtol=0, atol=0)
+    _assert_sum_close(grad_a, terms, torch.float32)
+    omega = (d.double() * 2).to(dtype)
+    ai = _a(0.5, device, shape=step_shape)
+    rx0, rd0, ref_gx, terms = _ref_perturb_init(x, omega, ai, eps, gx, gd)
+    x0, d0 = K.perturb_init_fwd(x, omega, ai, eps)
+    grad_x, grad_a = K.perturb_init_bwd(gx, gd, x, omega, ai, eps)
+    torch.testing.assert_close((x0, d0, grad_x), (rx0, rd0, ref_gx), rtol=0, atol=0)
+    _assert_sum_close(grad_a, terms, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- memory layout
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_matches_nchw(device, dtype):
+    """Every kernel takes channels_last tensors as they are: same values as NCHW, outputs channels_last."""
+    shape, n = (2, 3, 5, 7), 210
+    x, d, g = (t.reshape(shape) for t in (_image(n, dtype, device, 80), _delta(n, dtype, device, 81),
+                                          _grad(n, dtype, device, 82)))
+    omega, go = _omega(n, device, 83, dtype).reshape(shape), _grad(n, dtype, device, 84).reshape(shape)
+    a = _a(0.01, device, shape=())
+    s = R.pack_sign(g)
+    calls = [
+        lambda x, d, g, o, go, s: K.perturb_init_fwd(x, o, a, EPS),
+        lambda x, d, g, o, go, s: K.perturb_init_bwd(go, go, x, o, a, EPS),
+        lambda x, d, g, o, go, s: K.sign_step_fwd(x, d, g, a, EPS),
+        lambda x, d, g, o, go, s: K.sign_step_bwd(go, None, x, d, g, a, EPS),
+        lambda x, d, g, o, go, s: (K.pack_sign(g),),
+        lambda x, d, g, o, go, s: (K.layer_perturb_fwd(x, s, a), K.layer_perturb_bwd(go, s)),
+        lambda x, d, g, o, go, s: (K.pgd_step(x, x, g, 2 * EPS, EPS),),
+    ]
+    for call in calls:
+        want = call(x, d, g, omega, go, s)
+        got = call(*(_cl(t) for t in (x, d, g, omega, go, s)))
+        for u, v in zip(got, want):
+            if u.dim() == 4:
+                assert u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous()
+                torch.testing.assert_close(u, v, rtol=0, atol=0)
+            else:  # a step-size gradient: the same terms summed in another order
+                torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_omega_channels_last(device, dtype):
+    """A channels_last store gathers channels_last windows; the update reads g and writes the store by strides."""
+    store, index, crop, flip, grad, h, w = _omega_case(device, dtype, 6, 7, 90)
+    src = R.first_position(index)
+    got = K.omega_gather(_cl(store), index, crop, flip, src, h, w)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert torch.equal(got, R.omega_gather(store, index, crop, flip, (h, w)))
+    ratio = _a(0.1, device, shape=())
+    ref, cl = store.clone(), _cl(store)
+    R.omega_update(ref, index, crop, flip, grad, ratio)
+    K.omega_update(cl, index, crop, flip, src, _cl(grad), ratio)
+    assert torch.equal(cl, ref)
+    K.omega_update(store, index, crop, flip, src, grad.transpose(2, 3).contiguous().transpose(2, 3), ratio)
+    assert torch.equal(store, ref)
+
+
+def test_layouts_the_kernels_cannot_run_are_refused(device):
+    """A strided view, or tensors of one op in different layouts, raise a one-line error instead of garbage."""
+    x, d, g = (t.reshape(2, 3, 4, 6) for t in (_image(144, torch.float32, device, 95),
+                                               _delta(144, torch.float32, device, 96), _grad(144, torch.float32, device, 97)))
+    a = _a(0.01, device)
+    with pytest.raises(ValueError, match=r"sign_step_fwd: x with strides .* is not dense; pass x.contiguous\(\)"):
+        K.sign_step_fwd(x[..., ::2], d[..., ::2], g[..., ::2], a, EPS)
+    with pytest.raises(ValueError, match=r"sign_step_fwd: g has shape .* and strides .* pass g in x's memory format"):
+        K.sign_step_fwd(x, d, _cl(g), a, EPS)
+    with pytest.raises(ValueError, match=r"pgd_step: x has shape"):
+        K.pgd_step(x, x.transpose(2, 3).contiguous().transpose(2, 3), g, 0.01, EPS)
+    with pytest.raises(ValueError, match=r"layer_perturb_fwd: s has shape"):
+        K.layer_perturb_fwd(x, R.pack_sign(_cl(g)), a)
+    with pytest.raises(ValueError, match=r"pack_sign: g with strides .* is not dense"):
+        K.pack_sign(g[:, :, ::2])
+    with pytest.raises(ValueError, match=r"omega_update: store must be a dense"):
+        K.omega_update(torch.zeros(4, 3, 8, 10, device=device)[..., ::2], torch.zeros(1, dtype=torch.long, device=device),
+                       torch.zeros(1, 2, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.bool, device=device),
+                       torch.zeros(1, dtype=torch.long, device=device), torch.ones(1, 3, 4, 5, device=device), a)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only
@@ -417,3 +516,20 @@ def test_int64_offsets_cuda():
     s = K.pack_sign(g)
     assert s[-5:].tolist() == [-1, 0, 1, -1, 1]
     assert int(s[: 2**31].sum(dtype=torch.int64)) == 2**31
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA or INTERPRET or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launch_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and compute the reference."""
+    dev = torch.device("cuda", 1)
+    x, d, g = _image(4100, torch.float32, dev, 98), _delta(4100, torch.float32, dev, 99), _grad(4100, torch.float32, dev, 100)
+    a = _a(0.01, dev)
+    with torch.cuda.device(0):
+        x1, d1 = K.sign_step_fwd(x, d, g, a, EPS)
+        s = K.pack_sign(g)
+        new = K.pgd_step(x, x, g, 2 * EPS, EPS)
+    assert x1.device == dev
+    torch.testing.assert_close((x1, d1), R.sign_step(x, d, g, a, EPS), rtol=0, atol=0)
+    assert torch.equal(s, R.pack_sign(g))
+    assert torch.equal(new, R.pgd_step(x, x, g, 2 * EPS, EPS))
