@@ -1,7 +1,12 @@
 """Triton kernels of apart_fast: raw-tensor primitives, no autograd (installed as ``apart_fast.kernels``).
 
-Inputs are contiguous and on one device; step sizes (``a``, ``a_init``, ``ratio``) are one-element tensors read
-by pointer inside the kernels, so launches never sync with the host and can be captured in a CUDA graph.
+The tensors of one elementwise op are dense in one shared memory format (any: NCHW, channels_last, ...; the
+outputs take it through ``empty_like``), else the wrappers raise a one-line ValueError; the omega kernels address
+the store and the image-frame tensor through their strides. Kernels launch under their tensors' CUDA device
+(``cuda:N``). A Python-scalar eps is rounded to fp16/bf16 data's dtype first on CPU tensors only (the interpreter),
+as PyTorch's CPU kernels do; on CUDA it stays fp32, as PyTorch's CUDA kernels keep it. Step sizes (``a``,
+``a_init``, ``ratio``) are one-element tensors read by pointer inside the kernels, so launches never sync with the
+host and can be captured in a CUDA graph.
 Their shape matters as in PyTorch's type promotion: a 0-d step size is rounded to fp16/bf16 data's dtype before
 it multiplies, a (1,) one is not (``_utils.step_dtype``); the kernels follow the reference for both.
 Importing this package imports Triton but never queries the GPU. Set ``TRITON_INTERPRET=1`` before the import

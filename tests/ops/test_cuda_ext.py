@@ -102,3 +102,49 @@ def test_cuda_omega_and_graph_capture() -> None:
         ops.sign_step(x, x * 0, g, a, 8 / 255, backend="cuda")
     graph.replay()
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_step_shape_conventions_where_eps_binds(dtype, a_shape) -> None:
+    """The CUDA reference keeps a Python-scalar eps in fp32 (the CPU rounds it first) and computes with a (1,) step
+    size in fp32: the extension matches it where elements land exactly on eps rounded to the dtype."""
+    from test_ops import check_landing
+
+    check_landing("cuda", dtype, a_shape, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_pgd_projection_binds(dtype) -> None:
+    """x_adv = x, a step of 2 eps: every moved element lands on x -+ eps, formed with eps in fp32 as on CUDA."""
+    x = (torch.rand(4, 3, 9, 11, device="cuda") * 0.9 + 0.05).to(dtype)
+    g = randn(x.shape, dtype, 3).cuda()
+    eps = 8 / 255
+    assert_exact(ops.pgd_step(x, x, g, 2 * eps, eps, backend="cuda"), R.pgd_step(x, x, g, 2 * eps, eps), "pgd")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_channels_last_matches_nchw(backend: str) -> None:
+    """channels_last CUDA tensors run as they are on the CUDA extension and Triton: NCHW's values, channels_last out."""
+    if not dispatch.available(backend):
+        pytest.skip(dispatch.unavailable_reason(backend))
+    from test_layout import _cl, _is_cl, _leaf, _run_all
+
+    shape, eps = (3, 5, 6, 7), 8 / 255
+    x, d = torch.rand(shape, device="cuda"), (torch.rand(shape, device="cuda") * 2 - 1) * eps
+    g, omega, go = torch.randn(shape, device="cuda"), torch.rand(shape, device="cuda") * 2 - 1, torch.randn(shape, device="cuda")
+    a = torch.tensor(0.05, device="cuda")
+    want = _run_all(backend, _leaf(x), _leaf(d), g, omega, go, _leaf(a))
+    got = _run_all(backend, _leaf(_cl(x)), _leaf(_cl(d)), _cl(g), _cl(omega), _cl(go), _leaf(a))
+    for u, v in zip(got, want):
+        if u.dim() == 4:
+            assert _is_cl(u)
+            assert_exact(u.contiguous(), v.contiguous(), "channels_last")
+        else:
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)

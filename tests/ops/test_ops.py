@@ -244,12 +244,9 @@ def test_backward_deterministic(fused: str) -> None:
 E8 = 8 / 255
 
 
-@pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape) -> None:
-    """A 0-d step size rounds to the data's dtype (and so do d + a*s and, on the CPU, eps); a (1,) one computes in
-    fp32 against an fp32 eps. Elements land exactly on eps rounded to the dtype, below the fp32 eps: the mask there
-    tells the two conventions apart, and the random part tells their roundings apart."""
+def landing_case(dtype: torch.dtype, device: str = "cpu"):
+    """Data whose d + a*s (a = 2^-6) and a_init*omega (a_init = 1/2) land exactly on eps rounded to the dtype, below
+    eps itself (mixed with random elements): ``(x, d, g, omega, go_x, go_d, eps, a_val)``."""
     a_val = 2.0**-6  # exact in every dtype: e_lo - a is exact too (Sterbenz), so d + a lands on e_lo
     e_lo = torch.tensor(E8, dtype=dtype).item()
     e_hi = torch.nextafter(torch.tensor(e_lo, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
@@ -262,13 +259,31 @@ def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape) ->
     g = torch.ones(d.shape, dtype=dtype)
     g.view(-1)[1::2] = randn((n // 2,), dtype, 51)
     x = rand(d.shape, dtype, 52, 0.1, 0.9)
+    omega = (d.double() * 2).to(dtype)
     go_x, go_d = randn(d.shape, dtype, 53, 0.0), randn(d.shape, dtype, 54, 0.0)
-    a = torch.full(a_shape, 0.0123) if a_shape == (1,) else torch.tensor(0.0123)
-    _check_step(backend, x, d, g, a, eps, go_x, go_d)
-    _check_step(backend, x, d, g, torch.full(a_shape, a_val), eps, go_x, go_d)  # the exact landing on e_lo
-    omega = (d.double() * 2).to(dtype)  # a_init*omega = d at a_init = 1/2: lands on e_lo too
-    _check_init(backend, x, omega, torch.full(a_shape, 0.5), eps, go_x, go_d)
-    _check_init(backend, x, omega, torch.full(a_shape, 0.0123 * 4), eps, go_x, None)
+    return (*(t.to(device) for t in (x, d, g, omega, go_x, go_d)), eps, a_val)
+
+
+def check_landing(backend: str, dtype: torch.dtype, a_shape, device: str = "cpu") -> None:
+    """Forward, elementwise gradients and step-size gradients of sign_step and perturb_init on ``landing_case``."""
+    x, d, g, omega, go_x, go_d, eps, a_val = landing_case(dtype, device)
+
+    def step(v: float) -> torch.Tensor:
+        return torch.full(a_shape, v, device=device)
+
+    _check_step(backend, x, d, g, step(0.0123), eps, go_x, go_d)
+    _check_step(backend, x, d, g, step(a_val), eps, go_x, go_d)  # the exact landing on e_lo
+    _check_init(backend, x, omega, step(0.5), eps, go_x, go_d)
+    _check_init(backend, x, omega, step(0.0123 * 4), eps, go_x, None)
+
+
+@pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape) -> None:
+    """A 0-d step size rounds to the data's dtype (and so do d + a*s and, on the CPU, eps); a (1,) one computes in
+    fp32 against an fp32 eps. Elements land exactly on eps rounded to the dtype, below the fp32 eps: the mask there
+    tells the two conventions apart, and the random part tells their roundings apart."""
+    check_landing(backend, dtype, a_shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
