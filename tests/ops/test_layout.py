@@ -15,10 +15,10 @@ from ops_testutil import assert_exact, rand, randn
 from apart_fast import ops
 from apart_fast.config import ApartConfig, Config
 from apart_fast.data import DeviceLoader
-from apart_fast.step.schedule import CyclicSchedule
 from apart_fast.methods import DataInfo, build_method
 from apart_fast.models import build_model
 from apart_fast.ops import reference as R
+from apart_fast.step.schedule import CyclicSchedule
 
 EPS = 8 / 255
 SHAPE = (3, 5, 6, 7)
