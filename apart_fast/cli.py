@@ -14,7 +14,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from apart_fast.config import AMP_MODES, DATASETS, METHODS, MODELS, RESUME_MAY_CHANGE, ApartConfig, Config, ConfigError
+from apart_fast.config import (
+    AMP_MODES,
+    APART_SCHEDULES,
+    DATASETS,
+    METHODS,
+    MODELS,
+    RESUME_MAY_CHANGE,
+    SHORTCUTS,
+    ApartConfig,
+    Config,
+    ConfigError,
+)
 from apart_fast.engine.loop import BACKUP
 from apart_fast.experiments import ATTACKS
 
@@ -23,7 +34,7 @@ HELP = {
     "dataset": "dataset name; 'digits' is bundled (no download)",
     "data_dir": "folder or .tar.gz in ImageFolder layout with train/ and test/, or torchvision's CIFAR folder",
     "model": "architecture",
-    "device": "cpu, cuda or cuda:N",
+    "device": "auto (cuda when available, else cpu; the log names the one used), cpu, cuda or cuda:N",
     "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
 }
 # Subcommands that live beside their library code: (name, module with add_arguments/run, help).
@@ -31,7 +42,8 @@ EXTENSIONS = (
     ("bench", "apart_fast.bench.cli", "kernel throughput and training cost against PGD-10"),
     ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
 )
-CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES}
+CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES,
+           "schedule": APART_SCHEDULES, "shortcut": SHORTCUTS}
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--square-queries", type=integer, default=5000, help="AutoAttack's Square queries (default 5000)")
     e.add_argument("--n", type=integer, default=None, help="evaluate a seeded random subset of N test points")
     e.add_argument("--batch-size", type=integer, default=None, help="default: sized to the device")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help=HELP["device"])
     e.add_argument("--seed", type=integer, default=0)
     e.add_argument("--backend", default="auto")
     e.add_argument("--sanity", action="store_true",
@@ -159,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate each method's weight average (train --ema), e.g. 0.99 for the demo's short runs")
     d.add_argument("--out", default=None, help="also write each run into OUT/<method>")
     d.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", default="auto", help=HELP["device"])
     d.add_argument("--seed", type=integer, default=0)
     debug = "show the traceback of an error instead of one line"
     parser.add_argument("--debug", action="store_true", help=debug)

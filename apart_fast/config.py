@@ -11,6 +11,11 @@ METHODS = ("clean", "fgsm", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apa
 MODELS = ("preact18", "wrn34_10", "smallcnn")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+APART_SCHEDULES = ("auto", "script")
+SHORTCUTS = ("act", "raw")
+SCRIPT_STEPS = 30 * 391  # length of the APART script's run (30 epochs of 391 steps), for which its generator lr was tuned
+SCRIPT_LR, SCRIPT_STEP_SIZE = 5e-8, 1e-4  # the script's generator lr peak and initial a_init, a_in
+AUTO_INIT, AUTO_IN = 0.5, 1.0  # schedule auto: a_init and a_in start at these fractions of eps (chosen by measurement, README)
 
 
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
@@ -75,13 +80,19 @@ class ApartConfig:
     input step, ``|dL2/da_in| <= ||dL2/dx1||_1``. Nothing bounds ``G`` itself, so ``max_step``
     clamps ``|a|`` after every update as a last resort, and a non-finite gradient skips the
     update altogether (see apart_fast/step/guard.py).
+
+    ``schedule`` fills the values left at None (``resolve``): ``script`` takes the script's
+    (a_init = a_in = 1e-4, lr 5e-8), tuned for its 30 x 391 steps; ``auto`` keeps lr x steps equal to
+    the script's (lr = 5e-8 x 11,730 / steps) and starts a_init at eps/2 and a_in at eps, so a run of
+    any length trains against a perturbation of useful size from its first epoch (README: the rules compared).
     """
 
-    a_init: float = 1e-4  # initial scale of the stored initialisation (image units)
-    a_in: float = 1e-4  # initial input step size (image units)
+    schedule: str = "auto"  # auto: lr x steps = the script's, a_init = eps/2, a_in = eps at the start; script: the script's
+    a_init: float | None = None  # initial scale of the stored initialisation (image units); None: by --apart-schedule
+    a_in: float | None = None  # initial input step size (image units); None: by --apart-schedule
     a_layer: float = 0.0  # initial step size of every block's layer perturbation
     omega_std: float = 1e-3  # std of the N(0, std^2) noise the per-example store starts from
-    lr: float = 5e-8  # peak of the generator's cyclic learning rate (0 -> lr -> 0)
+    lr: float | None = None  # peak of the generator's cyclic lr (0 -> lr -> 0); None: by --apart-schedule
     weight_decay: float = 400.0  # L2 penalty lambda: ascent on L2 - (lambda/2) * sum(a^2)
     max_step: float = 1.0  # hard clamp on |a| after every update, a last resort against run-away
     layer_perturb: bool = True  # False: the ablation without layer-wise perturbations
@@ -90,6 +101,15 @@ class ApartConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "--apart-")
+
+    def resolve(self, eps: float, steps: int) -> ApartConfig:
+        """A copy with every None filled by ``schedule`` for a run of ``steps`` steps at budget ``eps``."""
+        auto = self.schedule == "auto"
+        init, step = (AUTO_INIT * eps, AUTO_IN * eps) if auto else (SCRIPT_STEP_SIZE, SCRIPT_STEP_SIZE)
+        lr = SCRIPT_LR * SCRIPT_STEPS / max(int(steps), 1) if auto else SCRIPT_LR
+        return dataclasses.replace(self, a_init=min(init, self.max_step) if self.a_init is None else self.a_init,
+                                   a_in=min(step, self.max_step) if self.a_in is None else self.a_in,
+                                   lr=lr if self.lr is None else self.lr)
 
 
 @dataclass
@@ -101,8 +121,11 @@ class Config:
     data_dir: str | None = None
     model: str = "smallcnn"
     width: int | None = None  # first stage's channels (preact18: 64 is the paper's)
+    shortcut: str = "act"  # projection shortcut's input: act = relu(bn1(x)) (the common PreAct block), raw = x (APART script)
     epochs: int = 10
     batch_size: int = 128
+    keep_last_batch: bool = False  # train on the last partial batch too (the APART script's 391 steps per epoch)
+    train_subset: int | None = None  # train on a seeded random N-image subset of the training split; None: all of it
     eps: float = 8 / 255  # training L-inf budget
     lr: float = 0.2  # peak of the model's cyclic learning rate (0 -> lr -> 0, stepped per iteration)
     momentum: float = 0.9  # cycled momentum -> momentum_low -> momentum, as CyclicLR does
@@ -125,12 +148,12 @@ class Config:
     normalize: bool = False  # per-channel normalisation inside the model (the APART script uses none)
     eval_eps: float = 8 / 255
     eval_step: float = 2 / 255
-    eval_steps: int = 10  # PGD-k on the held-out slice after each epoch
-    eval_every: int = 1  # epochs between held-out evaluations
-    eval_n: int = 512  # size of the held-out slice (taken from the test split)
+    eval_steps: int = 10  # PGD-k on the validation slice after each epoch (selects model_best.pt)
+    eval_every: int = 1  # epochs between validation evaluations
+    eval_n: int = 512  # validation slice: up to this many training-split images (at most a tenth), not trained on; 0: none
     final_eval_steps: int = 20  # PGD-20 on the whole test split at the end; 0: clean accuracy only
     final_eval_restarts: int = 1
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
     seed: int = 0
     backend: str = "auto"  # perturbation-op backend: auto, torch, cpp, triton, cuda
     log_interval: int = 50  # steps between reads of the on-device running metrics and fault flags
@@ -190,16 +213,20 @@ class Config:
             raise ConfigError(f"--ema-warmup {self.ema_warmup} is negative; pass a value >= 0 (0: no warm-up)")
         a = self.apart
         for name in ("a_init", "a_in", "a_layer", "omega_std", "lr", "weight_decay"):
-            if getattr(a, name) < 0:
+            if getattr(a, name) is not None and getattr(a, name) < 0:
                 raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} is negative; step sizes and rates are >= 0")
         if not a.max_step > 0:
             raise ConfigError(f"--apart-max-step {a.max_step} must be positive; it is the hard clamp on |step size|")
         for name in ("a_init", "a_in", "a_layer"):
-            if getattr(a, name) > a.max_step:
+            if getattr(a, name) is not None and getattr(a, name) > a.max_step:
                 raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} exceeds --apart-max-step "
                                   f"{a.max_step}; lower it or raise the clamp")
-        if a.a_init == 0:
-            raise ConfigError("--apart-a-init 0 makes the omega update ratio a_in/a_init infinite; pass a positive value")
+        if a.schedule not in APART_SCHEDULES:
+            raise ConfigError(f"--apart-schedule {a.schedule!r}; choose one of {', '.join(APART_SCHEDULES)}")
+        if self.shortcut not in SHORTCUTS:
+            raise ConfigError(f"--shortcut {self.shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError(f"--train-subset {self.train_subset} must be a positive integer; leave it unset for the whole split")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         if self.pad_mode not in ("constant", "reflect"):

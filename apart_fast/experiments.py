@@ -9,12 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apart_fast.config import MAX_INT, ApartConfig, Config, ConfigError, check_budget
+from apart_fast.config import MAX_INT, Config, ConfigError, check_budget
 from apart_fast.data import load_dataset
 from apart_fast.engine.checkpoint import CheckpointError
-
-SCRIPT_STEPS = 30 * 391  # length of the APART script's run, for which its generator lr 5e-8 was tuned
-
 
 ATTACKS = ("pgd", "cw", "autoattack", "all")
 
@@ -28,7 +25,7 @@ def check_ranges(*flags: tuple[str, int | None, int]) -> None:
 
 
 def load_for_eval(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
-                  n: int | None = None, device: str = "cpu", seed: int = 0,
+                  n: int | None = None, device: str = "auto", seed: int = 0,
                   backend: str = "auto") -> tuple[torch.nn.Module, Tensor, Tensor, dict[str, Any]]:
     """The checkpoint's model on ``device`` and the test split (a seeded random ``n``-point subset when ``n`` is
     smaller: test splits are often class-sorted), with a description of both for the report."""
@@ -76,7 +73,7 @@ def standard_error(acc: float, n: int) -> float:
 def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
                         eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20, restarts: int = 1,
                         loss: str = "both", attack: str = "pgd", n: int | None = None, batch_size: int | None = None,
-                        device: str = "cpu", seed: int = 0, backend: str = "auto", aa_steps: int = 100,
+                        device: str = "auto", seed: int = 0, backend: str = "auto", aa_steps: int = 100,
                         square_queries: int = 5000, progress: bool = True) -> dict[str, Any]:
     """Clean accuracy and the chosen attacks' accuracy of a checkpoint on a dataset's test split, in eval mode.
 
@@ -133,7 +130,7 @@ def format_eval(res: dict[str, Any]) -> str:
 
 
 def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir: str | None = None,
-                model: str | None = None, n: int | None = None, device: str = "cpu", seed: int = 0,
+                model: str | None = None, n: int | None = None, device: str = "auto", seed: int = 0,
                 eps: float = 8 / 255, step: float = 2 / 255, batch_size: int | None = None, backend: str = "auto",
                 aa_steps: int = 100, square_queries: int = 5000, out: str | None = None, command: str = "",
                 as_json: bool = False, progress: bool = True) -> int:
@@ -180,30 +177,13 @@ def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir:
     return 0
 
 
-def scaled_generator_lr(steps: int) -> float:
-    """APART's generator lr for a run of ``steps`` steps: the script's 5e-8 scaled so lr x steps is unchanged."""
-    return 5e-8 * SCRIPT_STEPS / max(steps, 1)
-
-
-def short_run_apart(eps: float, steps: int) -> ApartConfig:
-    """APART's generator for a run far shorter than the script's 11,730 steps: the generator lr scaled so
-    lr x steps equals the script's, and the input and initialisation step sizes starting at eps/2
-    instead of 1e-4, so the short run is not spent growing them from nothing (the script's early
-    epochs are nearly clean training)."""
-    return ApartConfig(lr=scaled_generator_lr(steps), a_init=eps / 2, a_in=eps / 2)
-
-
-def demo_config(method: str, epochs: int, device: str, seed: int, n_train: int | None = None) -> Config:
+def demo_config(method: str, epochs: int, device: str, seed: int) -> Config:
     """The demo's settings on the digits data: eps 0.1 (8x8 digits need a larger budget than 8/255 to
-    show robustness), a small CNN, and APART adapted to the short run (``short_run_apart``).
-    ``n_train``: the digits training split's size (loaded when not given), for the run's step count."""
-    eps, batch_size = 0.1, 128
-    if n_train is None:
-        n_train = int(load_dataset("digits", seed=seed).train_x.shape[0])
-    apart = short_run_apart(eps, epochs * (n_train // batch_size))
-    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, batch_size=batch_size, eps=eps,
+    show robustness), a small CNN, every APART setting at its default (``--apart-schedule auto``)."""
+    eps = 0.1
+    return Config(method=method, dataset="digits", model="smallcnn", epochs=epochs, batch_size=128, eps=eps,
                   eval_eps=eps, eval_step=0.025, pgd_step=0.025, final_eval_steps=20, device=device, seed=seed,
-                  apart=apart, free_replays=4)
+                  free_replays=4)
 
 
 def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 0,
@@ -216,7 +196,7 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
     data = load_dataset("digits", seed=seed)
     configs = []
     for m in methods:
-        cfg = demo_config(m, epochs, device, seed, n_train=int(data.train_x.shape[0]))
+        cfg = demo_config(m, epochs, device, seed)
         cfg.ema = ema
         if out is not None:
             cfg.out = os.path.join(out, m)

@@ -28,7 +28,6 @@ import torch
 from apart_fast.cli import float_or_fraction
 from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget
 from apart_fast.data import ImageData, load_dataset
-from apart_fast.experiments import scaled_generator_lr, short_run_apart
 
 CIFAR_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
 LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "gradalign": "GradAlign",
@@ -49,7 +48,7 @@ class Preset:
     eps: float
     train_subset: int | None  # None: the whole training split
     test_subset: int | None  # None: the whole test split (final PGD-20, CW PGD-20, best checkpoint)
-    eval_n: int  # held-out slice for the per-epoch PGD-10
+    eval_n: int  # validation slice (training-split images held out of training) for the per-epoch PGD-10
     eval_steps: int
     final_eval_steps: int
     long_epochs: int  # --long-fgsm: epochs of the long FGSM and APART runs
@@ -57,30 +56,38 @@ class Preset:
     data_dir: str | None = None
     needs_gpu: bool = False
     synthetic_size: int = 1024
-    short_run: bool = False  # APART's generator adapted to the short run (experiments.short_run_apart)
     aa_n_cpu: int = 200  # AutoAttack and the curves on the CPU: a seeded random subset of this many test points
     aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (100: the standard version)
     aa_square_queries: int = 5000  # AutoAttack's Square queries (5000: the standard version)
+    eval_eps: float | None = None  # None: eps
+    shortcut: str = "act"
+    keep_last_batch: bool = False
+    amp: str = "auto"
+    apart_schedule: str = "auto"
+    legacy_model_decay: bool = False
 
 
 PRESETS: dict[str, Preset] = {
-    # The paper: CIFAR-10, PreAct ResNet-18 (width 64), 30 epochs, batch 128, cyclic lr 0 -> 0.2 -> 0,
-    # eps 8/255, full test set. Needs a GPU (~hours of CPU per epoch).
-    "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 8 / 255, None, None, 1000, 10, 20, 60, METHODS,
-                    CIFAR_JPEG, needs_gpu=True),
+    # The authors' run (their released script, ../shared/APART.md): CIFAR-10, their PreAct ResNet-18 (width 64,
+    # projection shortcut from the raw block input), 30 epochs of batch 128 keeping the last partial batch
+    # (391 steps), cyclic lr 0 -> 0.2 -> 0, training eps 0.031, evaluation eps 8/255, fp32, APART's generator
+    # exactly the script's (schedule script, PyTorch 1.3's extra decay of the step sizes by the model's SGD).
+    # Needs a GPU (~hours of CPU per epoch).
+    "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 0.031, None, None, 1000, 10, 20, 60, METHODS,
+                    CIFAR_JPEG, needs_gpu=True, eval_eps=8 / 255, shortcut="raw", keep_last_batch=True, amp="none",
+                    apart_schedule="script", legacy_model_decay=True),
     # The reduced CPU setting (2 cores, < 1 hour for the paper's six methods on an idle VM; N-FGSM costs what FGSM-RS does and
     # GradAlign ~2.5-3x that, measured on a loaded VM): CIFAR-10 (JPEG), a random 4,000-image
     # training subset, PreAct ResNet-18 of width 8 (1/64 of the paper's FLOPs), 8 epochs of batch 128
-    # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 held-out test images; final PGD-20
+    # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 validation images (training split,
+    # held out of training: 3,744 are trained on); final PGD-20
     # and CW PGD-20 on a random 500-image test subset. --long-fgsm adds 20-epoch FGSM and APART runs.
-    # APART's step sizes start at eps/2 there (short_run): from the script's 1e-4 they spend the
-    # 248 steps growing (measured: PGD-20 0.204 against FGSM-RS's 0.252, strength ratio 0.05 -> 0.63).
-    "cpu": Preset("cifar10", "preact18", 8, 8, 128, 0.2, 8 / 255, 4000, 500, 256, 10, 20, 20, METHODS, CIFAR_JPEG,
-                  short_run=True),
+    # APART at its defaults (schedule auto: a_init eps/2, a_in eps, generator lr scaled to the run).
+    "cpu": Preset("cifar10", "preact18", 8, 8, 128, 0.2, 8 / 255, 4000, 500, 256, 10, 20, 20, METHODS, CIFAR_JPEG),
     # A smoke test: synthetic 16x16 data, a width-4 small CNN, one epoch, two methods (seconds).
     # AutoAttack there is cut to 5 iterations and 50 Square queries on 32 points (not the standard version).
     "tiny": Preset("synthetic", "smallcnn", 4, 1, 32, 0.2, 8 / 255, 128, 64, 32, 2, 2, 2, ("fgsm_rs", "apart"),
-                   synthetic_size=256, short_run=True, aa_n_cpu=32, aa_steps=5, aa_square_queries=50),
+                   synthetic_size=256, aa_n_cpu=32, aa_steps=5, aa_square_queries=50),
 }
 
 
@@ -135,13 +142,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` as cuda when a CUDA device is available, else cpu; any other name as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def device_name(device: str) -> str:
     """A human-readable device description for the table and figures."""
     if device.startswith("cuda"):
@@ -173,15 +173,14 @@ def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) 
 def method_config(method: str, preset: Preset, *, epochs: int, width: int, n_train: int, device: str, seed: int,
                   data_dir: str | None, out: str | None, fgsm_step: float | None = None, ema: float | None = None,
                   ema_warmup: float = 10.0) -> Config:
-    """The Config of one sub-run. APART's generator lr is scaled to the run's length (lr x steps = the script's);
-    short-run presets also start its step sizes at eps/2 (``experiments.short_run_apart``)."""
-    steps = epochs * (n_train // preset.batch_size)
-    apart = short_run_apart(preset.eps, steps) if preset.short_run else ApartConfig(lr=scaled_generator_lr(steps))
+    """The Config of one sub-run: the preset's settings, APART's generator by the preset's schedule."""
+    apart = ApartConfig(schedule=preset.apart_schedule, legacy_model_decay=preset.legacy_model_decay)
     return Config(method=method, dataset=preset.dataset, data_dir=data_dir, model=preset.model, width=width,
-                  epochs=epochs, batch_size=preset.batch_size, eps=preset.eps, lr=preset.lr, eval_eps=preset.eps,
-                  eval_n=preset.eval_n, eval_steps=preset.eval_steps, final_eval_steps=preset.final_eval_steps,
-                  device=device, seed=seed, out=out, fgsm_step=fgsm_step, ema=ema, ema_warmup=ema_warmup,
-                  apart=apart)
+                  shortcut=preset.shortcut, epochs=epochs, batch_size=preset.batch_size,
+                  keep_last_batch=preset.keep_last_batch, eps=preset.eps, lr=preset.lr,
+                  eval_eps=_pick(preset.eval_eps, preset.eps), eval_n=preset.eval_n, eval_steps=preset.eval_steps,
+                  final_eval_steps=preset.final_eval_steps, amp=preset.amp, device=device, seed=seed, out=out,
+                  fgsm_step=fgsm_step, ema=ema, ema_warmup=ema_warmup, apart=apart)
 
 
 def _evaluate(model: torch.nn.Module, cfg: Config, data: ImageData, loss: str) -> dict[str, Any]:
@@ -326,7 +325,8 @@ def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         f"model {s['model']} width {s['width']}; {s['epochs']} epochs, batch {s['batch_size']}, cyclic lr to {s['lr']}, "
         f"eps {s['eps'] * 255:.3g}/255.",
         f"- PGD-20 and CW PGD-20: step 2/255, random start, eval mode, on the last epoch's model; held-out PGD-10 after "
-        f"every epoch on {s['eval_n']} test images; 'best ckpt' is model_best.pt (highest held-out PGD-10).",
+        f"every epoch on up to {s['eval_n']} validation images (training split, not trained on); 'best ckpt' is "
+        "model_best.pt (highest validation PGD-10), scored on the test images, which played no part in choosing it.",
         _aa_note(rows),
         "- train s: training time only (no evaluation, no probe); Free runs ceil(epochs/m) passes of m replays.",
         f"- Wall time of the whole command: {info['wall_seconds'] / 60:.1f} min.",
@@ -468,8 +468,10 @@ def run(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     if args.eps is not None:
         check_budget("--eps", args.eps)
-        preset = dataclasses.replace(preset, eps=args.eps)
-    device = resolve_device(args.device)
+        preset = dataclasses.replace(preset, eps=args.eps, eval_eps=None)
+    from apart_fast.engine.loop import auto_device
+
+    device = auto_device(args.device)
     if preset.needs_gpu and not device.startswith("cuda") and not args.force:
         raise ConfigError(f"--preset {args.preset} needs a GPU (none found, device {device}); use --preset cpu, "
                           "or pass --force to run it on the CPU anyway")

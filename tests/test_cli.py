@@ -60,7 +60,7 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture, *needles: str, code: i
     (["--apart-max-step", "0"], ["--apart-max-step 0.0", "positive"]),
     (["--apart-a-init", "2", "--apart-max-step", "1"], ["--apart-a-init 2.0", "--apart-max-step"]),
     (["--max-faults", "0"], ["--max-faults 0", "positive"]),
-    (["--batch-size", "5000"], ["--batch-size 5000", "1024 training examples"]),
+    (["--batch-size", "5000"], ["--batch-size 5000", "training examples (1024 less a 16-image validation slice)"]),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent/apart_data"], ["--data-dir /nonexistent/apart_data",
                                                                               "does not exist"]),
 ])

@@ -11,7 +11,6 @@ import torch
 from apart_fast.cli import build_parser, main
 from apart_fast.config import ApartConfig
 from apart_fast.data import load_dataset
-from apart_fast.experiments import SCRIPT_STEPS
 from apart_fast.reproduce import PRESETS, command_line, method_config, subset
 
 
@@ -89,17 +88,17 @@ def test_subset_is_seeded_random_and_class_mixed():
     assert subset(data, None, 0, seed=0).train_x.shape == data.train_x.shape
 
 
-def test_apart_generator_lr_keeps_lr_times_steps():
+def test_presets_use_the_default_rule_and_paper_the_scripts_run():
     preset = PRESETS["cpu"]
     cfg = method_config("apart", preset, epochs=8, width=8, n_train=4000, device="cpu", seed=0, data_dir=None, out=None)
-    steps = 8 * (4000 // 128)
-    assert cfg.apart.lr * steps == pytest.approx(ApartConfig().lr * SCRIPT_STEPS)
+    assert cfg.apart == ApartConfig()  # the default rule (schedule auto), no special case
     assert cfg.model == "preact18" and cfg.width == 8 and cfg.eps == pytest.approx(8 / 255)
-    assert cfg.apart.a_init == cfg.apart.a_in == pytest.approx(cfg.eps / 2)  # short-run start (cpu preset)
     paper = method_config("apart", PRESETS["paper"], epochs=30, width=64, n_train=50000, device="cpu", seed=0,
                           data_dir=None, out=None)
-    assert paper.apart.a_init == ApartConfig().a_init  # the script's start
-    assert paper.apart.lr == pytest.approx(ApartConfig().lr, rel=1e-2)  # 390 steps/epoch vs the script's 391
+    assert paper.apart.schedule == "script" and paper.apart.legacy_model_decay
+    assert (paper.eps, paper.eval_eps, paper.shortcut, paper.keep_last_batch, paper.amp) == (0.031, 8 / 255, "raw", True, "none")
+    g = paper.apart.resolve(paper.eps, 30 * 391)
+    assert (g.a_init, g.a_in, g.lr, g.weight_decay) == (1e-4, 1e-4, 5e-8, 400.0)
 
 
 def test_eps_override_accepts_fractions_and_round_trips():

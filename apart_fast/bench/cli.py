@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--synthetic-n", type=int, default=1024, help="synthetic only: number of training examples")
     c.add_argument("--epoch-size", type=int, default=None,
                    help="examples per epoch for s/epoch (default: the training set; 50000 projects CIFAR-10)")
-    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    c.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     c.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="fp32, or autocast in bf16 / fp16 (loss-scaled) around the forward passes")
     c.add_argument("--backend", default="auto", help="perturbation-op backend: auto, torch, cpp, triton, cuda")

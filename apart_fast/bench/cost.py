@@ -341,6 +341,9 @@ def train_and_eval(opts: CostOptions, data: ImageData, out: Path) -> dict[str, d
 
 def run_cost(opts: CostOptions) -> dict[str, Any]:
     """Measure, optionally train, and write cost.md, cost.json and cost.png into ``opts.out``."""
+    from apart_fast.engine.loop import auto_device
+
+    opts.device = auto_device(opts.device)
     opts.validate()
     out = Path(opts.out or f"bench-cost-{timestamp()}")
     out.mkdir(parents=True, exist_ok=True)

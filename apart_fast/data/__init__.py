@@ -1,6 +1,6 @@
 """Data layer of apart_fast: datasets as resident uint8 tensors and a device-side augmenting loader."""
 
-from .datasets import DATASET_NAMES, ImageData, load_dataset
+from .datasets import DATASET_NAMES, ImageData, load_dataset, random_subset
 from .errors import DataError
 from .folder import default_cache_dir
 from .loader import Batch, DeviceLoader, augment_batch, iter_eval
@@ -15,4 +15,5 @@ __all__ = [
     "default_cache_dir",
     "iter_eval",
     "load_dataset",
+    "random_subset",
 ]

@@ -263,3 +263,13 @@ def _load(key: str, data_dir: str | None, seed: int, cache: Path, synthetic_size
     if key in _CIFAR:
         return _load_cifar(key, data_dir, cache, download)
     return _load_imagefolder(data_dir, cache)
+
+
+def random_subset(n_all: int, n: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a seeded random ``n`` of ``n_all`` examples (None for all): stored splits may be
+    class-sorted, so a prefix is not a sample. The same seed gives the same draw everywhere."""
+    if n is None or n >= n_all:
+        return None
+    if n < 1:
+        raise DataError(f"subset size {n} is not positive; pass a positive size, or none for the whole split")
+    return torch.randperm(n_all, generator=torch.Generator().manual_seed(seed + 17))[:n].sort().values

@@ -31,6 +31,7 @@ the same step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 
 from apart_fast.attacks import evaluate
 from apart_fast.config import RESUME_MAY_CHANGE, Config, ConfigError
-from apart_fast.data import DeviceLoader, ImageData, load_dataset
+from apart_fast.data import DeviceLoader, ImageData, load_dataset, random_subset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
 from apart_fast.engine.ema import WeightAverage
@@ -76,12 +77,20 @@ RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "mod
 BACKUP = "overwritten-run"  # --overwrite keeps the old run here until the new run's first checkpoint
 
 
+def auto_device(name: str) -> str:
+    """``auto`` as ``cuda`` when a CUDA device is available, else ``cpu``; any other name unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
-    """``name`` as a torch.device, refusing CUDA when none is available."""
+    """``name`` (``auto`` included) as a torch.device, refusing CUDA when none is available."""
+    name = auto_device(name)
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} requested but no CUDA device is available; use --device cpu")
     return dev
@@ -241,6 +250,11 @@ def resume_config(saved: Config, cfg: Config, changed: Collection[str] | None, o
     return merged.validate()
 
 
+def _device_name(dev: torch.device) -> str:
+    """What the run trained on, in words (for the log and results.json)."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
+
+
 def _warn(msg: str) -> None:
     tqdm.write(f"apart-fast: warning: {msg}", file=sys.stderr)
 
@@ -264,15 +278,28 @@ class Run:
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         d = self.data
         self.data_info = data_fingerprint(d)
-        n_train = int(d.train_x.shape[0])
+        pick = random_subset(int(d.train_x.shape[0]), cfg.train_subset, cfg.seed)
+        if pick is not None:
+            d = dataclasses.replace(d, train_x=d.train_x[pick], train_y=d.train_y[pick])
+        # Validation slice for model_best.pt: training-split images held out of training, so the test
+        # split that scores the best checkpoint played no part in choosing it (Rice et al. 2020).
+        n_all = int(d.train_x.shape[0])
+        perm = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed + 3))
+        n_val = min(cfg.eval_n, n_all // 10)
+        val, keep = perm[:n_val].sort().values, perm[n_val:].sort().values
+        self.val_x, self.val_y = d.train_x[val], d.train_y[val]
+        self.train_x, self.train_y = d.train_x[keep], d.train_y[keep]
+        d = self.data = dataclasses.replace(d, train_x=self.train_x, train_y=self.train_y)  # what is trained on
+        n_train = int(keep.shape[0])
         if cfg.batch_size > n_train:
-            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training examples; pass a smaller batch size")
+            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training examples ({n_all} less a "
+                              f"{n_val}-image validation slice); pass a smaller batch size")
         pad = d.pad if cfg.pad is None else cfg.pad
         flip = d.flip if cfg.flip is None else cfg.flip
         mean, std = (CIFAR_MEAN, CIFAR_STD) if cfg.normalize and d.channels == 3 else (None, None)
         if model is None:
             model = build_model(cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width,
-                                mean=mean, std=std)
+                                mean=mean, std=std, shortcut=cfg.shortcut)
         self.user_model = not hasattr(model, "config")
         cuda = self.device.type == "cuda"
         if cfg.sync_bn and self.comm.distributed and cuda:
@@ -283,10 +310,14 @@ class Run:
         if cfg.channels_last if cfg.channels_last is not None else cuda:
             self.model.to(memory_format=torch.channels_last)
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
-        self.loader: DeviceLoader = ShardLoader(
-            d.train_x, d.train_y, cfg.batch_size, device=self.device, pad=pad, pad_mode=cfg.pad_mode,
-            pad_value=cfg.pad_value, flip=flip, ragged="drop", seed=cfg.seed, rank=self.comm.rank, world=self.comm.world,
-        )
+        lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed)
+        if cfg.keep_last_batch:  # the APART script's loader: the last partial batch is a step too
+            if self.comm.distributed:
+                raise ConfigError("--keep-last-batch needs one process (ranks train on equal slices); drop it under torchrun")
+            self.loader: DeviceLoader = DeviceLoader(self.train_x, self.train_y, cfg.batch_size, ragged="keep", **lkw)
+        else:
+            self.loader = ShardLoader(self.train_x, self.train_y, cfg.batch_size, ragged="drop", rank=self.comm.rank,
+                                      world=self.comm.world, **lkw)
         h, w = d.image_size
         info = DataInfo(n_train=n_train, channels=d.channels, height=h, width=w, pad=pad)
         self.method: Method = build_method(cfg.method, self.model, cfg, info, self.device)
@@ -313,14 +344,11 @@ class Run:
         self.method.attach(self.optimizer, self.schedule, steps)
         # --ema: the average of the model after every step (ema.py), captured with the step where it is
         self.ema = WeightAverage(self.model, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
-        g = torch.Generator().manual_seed(cfg.seed + 3)
-        n_test = int(d.test_x.shape[0])
-        self.holdout = torch.randperm(n_test, generator=g)[: min(cfg.eval_n, n_test)]
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the epoch in progress (0 at a boundary)
         self.step_count = 0  # completed steps of the run
         self.train_seconds = 0.0
-        self.best_robust, self.best_epoch = -1.0, 0  # held-out robust accuracy of model_best.pt
+        self.best_robust, self.best_epoch = -1.0, 0  # validation robust accuracy of model_best.pt
         self.buffers = BufferGuard(self.model)
         gens = [self.method.generator] if cuda else []
         self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=gens) if self.graphs else None
@@ -376,6 +404,8 @@ class Run:
         if state.get("kind") != "full":
             raise checkpoint.CheckpointError("resume needs checkpoint.pt (a full checkpoint), not model.pt")
         saved_cfg, cfg = state["model_config"], self.model_config
+        if saved_cfg is not None and cfg is not None and "shortcut" in cfg.get("kwargs", {}):
+            saved_cfg = {**saved_cfg, "kwargs": {"shortcut": "act", **saved_cfg["kwargs"]}}  # written before --shortcut
         if (saved_cfg is None) != (cfg is None):
             raise checkpoint.CheckpointError(
                 "checkpoint holds a user-defined model, pass the same model to train()" if saved_cfg is None
@@ -686,7 +716,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     each naming the checkpoint left.
     """
     cfg.validate()
-    comm, device = Comm.from_env(cfg.device)
+    comm, device = Comm.from_env(auto_device(cfg.device))
     try:
         return _train(cfg, comm, device, resume, overwrite, progress, data, model, changed)
     finally:
@@ -737,8 +767,11 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             history = comm.broadcast_object(None)
         if comm.is_main and resume:
             comm.broadcast_object(history)
-    d = run.data
-    hx, hy = d.test_x[run.holdout], d.test_y[run.holdout]
+    hx, hy = run.val_x, run.val_y
+    if progress:
+        amp = run.precision.mode
+        tqdm.write(f"apart-fast: {cfg.method} on {run.device} ({_device_name(run.device)}), amp {amp}, "
+                   f"{len(run.loader)} steps/epoch, validation {int(hx.shape[0])} training-split images", file=sys.stderr)
     stop = StopSignals()
     with stop.installed():
         try:
@@ -813,10 +846,18 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
     stop.hard = True  # training is complete and saved: a signal now aborts the final evaluation at once
     if run._should_stop(stop, 0):
         raise _interrupted(run, out, stop, saved=False)
+    n_val = int(hx.shape[0])
+    selection = (f"model_best.pt: highest PGD-{cfg.eval_steps} accuracy on {n_val} training-split images held out of "
+                 "training (validation slice, disjoint from the test split)" if n_val and cfg.eval_steps else
+                 "none (no validation slice: --eval-n 0 or no PGD steps)")
     results: dict[str, Any] = {"method": cfg.method, "epochs": run.epochs, "train_seconds": run.train_seconds,
                                "best_epoch": run.best_epoch, "best_holdout_robust_acc": run.best_robust,
+                               "selection": selection, "n_train": len(run.train_y), "n_validation": n_val,
                                "passes_per_step": run.method.passes, "steps_per_epoch": len(run.loader),
-                               "skipped_steps": run.faults.total, "device": str(run.device), "history": history}
+                               "skipped_steps": run.faults.total, "device": str(run.device),
+                               "device_name": _device_name(run.device), "amp": run.precision.mode, "history": history}
+    if hasattr(run.method, "resolved"):
+        results["apart"] = run.method.resolved()
     d = run.data
     results["_final"] = run.evaluate(d.test_x, d.test_y, steps=cfg.final_eval_steps, restarts=cfg.final_eval_restarts,
                                      progress=progress)

@@ -3,8 +3,9 @@
 The generator is a per-example initialisation store ``omega`` (padded image frame, aligned through
 crop and flip), an initialisation scale ``a_init``, an input step ``a_in`` and one step ``a_b`` per
 residual block (a ``PerturbSite``). One step is two forward/backward passes; see ../shared/APART.md
-for every equation. Defaults follow the authors' released script; the step sizes are updated by
-their own optimizer only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the model's SGD).
+for every equation. ``--apart-schedule script`` is the authors' released script's generator; the default
+``auto`` scales it to the run (``ApartConfig.resolve``). The step sizes are updated by their own optimizer
+only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the model's SGD).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Apart(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        a = self.cfg.apart
+        # The step sizes' start is known now; the lr needs the run's length and is set in ``attach``.
+        a = self.gen = self.cfg.apart.resolve(self.cfg.eps, 1)
         self.sites = find_sites(self.model) if a.layer_perturb else []
         if a.layer_perturb and not self.sites:
             raise ValueError(
@@ -90,12 +92,12 @@ class Apart(Method):
     def attach(self, optimizer: torch.optim.Optimizer, schedule: CyclicSchedule, total_steps: int) -> None:
         super().attach(optimizer, schedule, total_steps)
         m = (self.cfg.momentum, self.cfg.momentum_low)
+        a = self.gen = self.cfg.apart.resolve(self.cfg.eps, total_steps)
         if isinstance(schedule, DeviceSchedule):  # CUDA-graph step: lr and momentum as device tensors
-            a = self.cfg.apart
             self.gen_optimizer = DeviceSGD(self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay)
             self.gen_schedule = DeviceSchedule(self.gen_optimizer, total_steps, a.lr, m)
         else:
-            self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, self.cfg.apart.lr, m)
+            self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, a.lr, m)
 
     def _pass1(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Initialise from the store and take pass 1's input and per-block gradient signs (no parameter grads)."""
@@ -122,8 +124,8 @@ class Apart(Method):
     def forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Both passes and pass 2's backward: leaves dL2/dtheta and dL2/da in ``.grad``.
 
-        Returns pass 2's loss and logits, dL2/dx1, and the omega-update ratio a_in/a_init taken
-        before any step-size update.
+        Returns pass 2's loss and logits, dL2/dx1, and the omega-update ratio a_in/(a_init + 1e-7) (the
+        script's) taken before any step-size update.
         """
         x, y, be = batch.x, batch.y, self.cfg.backend
         _, d0, g_x, signs = self._pass1(batch)
@@ -133,7 +135,7 @@ class Apart(Method):
         with applying(self.sites, signs, alphas, backend=be), self.precision.autocast():
             logits = self.model(x1)
             loss2 = F.cross_entropy(logits, y)
-        ratio = (self.a_in / self.a_init).detach()
+        ratio = (self.a_in / (self.a_init + 1e-7)).detach()  # the script's ratio: finite at a_init = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.gen_optimizer.zero_grad(set_to_none=True)
         self.precision.scaled(loss2).backward()
@@ -205,6 +207,12 @@ class Apart(Method):
             # legacy_model_decay: the model's SGD then sees zero gradients (PyTorch 1.3's zero_grad);
             # otherwise None, so it skips them.
             p.grad = torch.zeros_like(p) if self.cfg.apart.legacy_model_decay else None
+
+    def resolved(self) -> dict[str, float | None]:
+        """The generator's settings this run uses (``ApartConfig.resolve``), for results.json."""
+        a = self.gen
+        return {"schedule": a.schedule, "a_init": a.a_init, "a_in": a.a_in, "a_layer": a.a_layer, "lr": a.lr,
+                "weight_decay": a.weight_decay}
 
     def log_values(self) -> dict[str, float]:
         vals = {"a_init": float(self.a_init.detach()), "a_in": float(self.a_in.detach())}

@@ -22,11 +22,14 @@ the *unperturbed* input (a projection shortcut reads the activation before the s
         def forward(self, x):
             a = F.relu(self.bn1(x))
             skip = self.proj(a) if self.proj is not None else x   # before the site
-            out = self.conv1(self.site(a))                        # perturbed path
+            out = self.site(a, self.conv1)                        # perturbed path: conv1(site(a))
             ...
 
-A site is the identity until a method arms it; :func:`find_sites` returns the sites of a model in
-forward (registration) order, which is the order methods use for their per-block step sizes.
+``self.site(a, self.conv1)`` computes ``self.conv1(self.site(a))``; given the (bias-free) layer, the
+site keeps the perturbation exact under bf16/fp16 autocast (see ``sites.py``); ``self.conv1(self.site(a))``
+works too, but under autocast a small step size is rounded away. A site is the identity until a method
+arms it; :func:`find_sites` returns the sites of a model in forward (registration) order, which is the
+order methods use for their per-block step sizes.
 """
 
 from apart_fast.models.blocks import Normalize, PreActBlock

@@ -1,7 +1,9 @@
 """Building blocks shared by every model: input normalisation and the pre-activation residual block.
 
 The block carries a :class:`~apart_fast.models.sites.PerturbSite` on ``relu(bn1(x))``, the activation
-it feeds to its first convolution, and its shortcut always takes the *unperturbed* input (APART's rule).
+it feeds to its first convolution, and its shortcut always takes the *unperturbed* input (APART's rule):
+``relu(bn1(x))`` for the projection in the common PreAct block (``shortcut="act"``), the raw block input
+``x`` in the APART script's own block (``shortcut="raw"``). Identity shortcuts take ``x`` in both.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from apart_fast.config import SHORTCUTS
 from apart_fast.models.sites import PerturbSite
 
 
@@ -66,11 +69,14 @@ class PreActBlock(nn.Module):
     """Pre-activation residual block with an APART perturbation site.
 
     ``a = relu(bn1(x))``; ``out = conv2(relu(bn2(conv1(site(a)))))``; the shortcut is a 1x1 projection of
-    ``a`` (taken *before* the site) when the shape changes, else the identity on ``x``.
+    ``a`` (taken *before* the site; ``shortcut="raw"``: of ``x``) when the shape changes, else the identity on ``x``.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "act") -> None:
         super().__init__()
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+        self.raw_shortcut = shortcut == "raw"
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.site = PerturbSite()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -82,8 +88,8 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a = F.relu(self.bn1(x))
-        skip = self.shortcut(a) if self.shortcut is not None else x
-        out = self.conv1(self.site(a))
+        skip = x if self.shortcut is None else self.shortcut(x if self.raw_shortcut else a)
+        out = self.site(a, self.conv1)  # conv1(site(a)), exact under reduced-precision autocast too
         out = self.conv2(F.relu(self.bn2(out)))
         return out + skip
 
@@ -101,10 +107,10 @@ class Head(nn.Module):
         return self.linear(out)
 
 
-def make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def make_stage(in_planes: int, planes: int, blocks: int, stride: int, shortcut: str = "act") -> nn.Sequential:
     """``blocks`` PreAct blocks; the first one carries the stride (and the projection if needed)."""
-    layers = [PreActBlock(in_planes, planes, stride)]
-    layers += [PreActBlock(planes, planes, 1) for _ in range(blocks - 1)]
+    layers = [PreActBlock(in_planes, planes, stride, shortcut)]
+    layers += [PreActBlock(planes, planes, 1, shortcut) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 

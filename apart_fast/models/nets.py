@@ -1,8 +1,9 @@
 """The networks: PreAct ResNet-18 (the APART paper's model), WideResNet (WRN-34-10) and a small CPU model.
 
 Every model starts with :class:`Normalize` (so it takes images in [0, 1]) and has one
-``PerturbSite`` per residual block. Each model stores ``model.config = {"name": ..., "kwargs": {...}}``
-(a plain dict) so that :func:`model_from_config` can rebuild it from a checkpoint.
+``PerturbSite`` per residual block; the stem convolution runs in fp32 under autocast
+(``full_precision``) so that the input perturbation reaches the network unrounded. Each model stores
+``model.config = {"name": ..., "kwargs": {...}}`` (a plain dict) so that :func:`model_from_config` can rebuild it from a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from apart_fast.models.blocks import Head, Normalize, _as_list, make_stage
+from apart_fast.models.sites import full_precision
 
 Stats = Sequence[float] | Tensor | None
 
@@ -28,26 +30,27 @@ class PreActResNet18(nn.Module):
     """PreAct ResNet-18: 3x3 stem, four stages of two PreAct blocks (``width * (1, 2, 4, 8)`` channels), 8 sites."""
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, width: int = 64, mean: Stats = None, std: Stats = None
+        self, num_classes: int = 10, in_channels: int = 3, width: int = 64, mean: Stats = None, std: Stats = None,
+        shortcut: str = "act",
     ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
         self.config: dict[str, Any] = {
             "name": "preact18",
             "kwargs": dict(num_classes=num_classes, in_channels=in_channels, width=width, mean=_as_list(mean),
-                           std=_as_list(std)),
+                           std=_as_list(std), shortcut=shortcut),
         }
         self.normalize = Normalize(mean, std)
         self.stem = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         w = width
-        self.layer1 = make_stage(w, w, 2, 1)
-        self.layer2 = make_stage(w, 2 * w, 2, 2)
-        self.layer3 = make_stage(2 * w, 4 * w, 2, 2)
-        self.layer4 = make_stage(4 * w, 8 * w, 2, 2)
+        self.layer1 = make_stage(w, w, 2, 1, shortcut)
+        self.layer2 = make_stage(w, 2 * w, 2, 2, shortcut)
+        self.layer3 = make_stage(2 * w, 4 * w, 2, 2, shortcut)
+        self.layer4 = make_stage(4 * w, 8 * w, 2, 2, shortcut)
         self.head = Head(8 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.stem(self.normalize(x))
+        out = full_precision(self.stem, self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.head(out)
 
@@ -66,6 +69,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         mean: Stats = None,
         std: Stats = None,
+        shortcut: str = "act",
     ) -> None:
         super().__init__()
         _check_positive(depth=depth, widen=widen, num_classes=num_classes, in_channels=in_channels)
@@ -76,25 +80,26 @@ class WideResNet(nn.Module):
         self.config: dict[str, Any] = {
             "name": name,
             "kwargs": dict(depth=depth, widen=widen, num_classes=num_classes, in_channels=in_channels,
-                           mean=_as_list(mean), std=_as_list(std)),
+                           mean=_as_list(mean), std=_as_list(std), shortcut=shortcut),
         }
         c = [16, 16 * widen, 32 * widen, 64 * widen]
         self.normalize = Normalize(mean, std)
         self.stem = nn.Conv2d(in_channels, c[0], 3, stride=1, padding=1, bias=False)
-        self.layer1 = make_stage(c[0], c[1], n, 1)
-        self.layer2 = make_stage(c[1], c[2], n, 2)
-        self.layer3 = make_stage(c[2], c[3], n, 2)
+        self.layer1 = make_stage(c[0], c[1], n, 1, shortcut)
+        self.layer2 = make_stage(c[1], c[2], n, 2, shortcut)
+        self.layer3 = make_stage(c[2], c[3], n, 2, shortcut)
         self.head = Head(c[3], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.stem(self.normalize(x))
+        out = full_precision(self.stem, self.normalize(x))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.head(out)
 
 
-def wrn34_10(num_classes: int = 10, in_channels: int = 3, mean: Stats = None, std: Stats = None) -> WideResNet:
+def wrn34_10(num_classes: int = 10, in_channels: int = 3, mean: Stats = None, std: Stats = None,
+             shortcut: str = "act") -> WideResNet:
     """WRN-34-10, the usual large model of the adversarial-training literature (15 sites)."""
-    return WideResNet(34, 10, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    return WideResNet(34, 10, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, shortcut=shortcut)
 
 
 class SmallCNN(nn.Module):
@@ -104,23 +109,24 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, width: int = 16, mean: Stats = None, std: Stats = None
+        self, num_classes: int = 10, in_channels: int = 3, width: int = 16, mean: Stats = None, std: Stats = None,
+        shortcut: str = "act",
     ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
         self.config: dict[str, Any] = {
             "name": "smallcnn",
             "kwargs": dict(num_classes=num_classes, in_channels=in_channels, width=width, mean=_as_list(mean),
-                           std=_as_list(std)),
+                           std=_as_list(std), shortcut=shortcut),
         }
         self.normalize = Normalize(mean, std)
         self.stem = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
-        self.layer1 = make_stage(width, width, 1, 1)
-        self.layer2 = make_stage(width, 2 * width, 1, 2)
+        self.layer1 = make_stage(width, width, 1, 1, shortcut)
+        self.layer2 = make_stage(width, 2 * width, 1, 2, shortcut)
         self.head = Head(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.stem(self.normalize(x))
+        out = full_precision(self.stem, self.normalize(x))
         return self.head(self.layer2(self.layer1(out)))
 
 
@@ -135,18 +141,22 @@ def build_model(
     width: int | None = None,
     mean: Stats = None,
     std: Stats = None,
+    shortcut: str = "act",
 ) -> nn.Module:
     """Build a model by name (``preact18``, ``wrn34_10``, ``smallcnn``).
 
     ``width`` is the base width for ``preact18`` (default 64) and ``smallcnn`` (default 16), and the
-    widening factor for ``wrn34_10`` (default 10). ``model.config`` records how to rebuild it.
+    widening factor for ``wrn34_10`` (default 10). ``shortcut``: the projection shortcut's input,
+    ``act`` (relu(bn1(x)), the common PreAct block) or ``raw`` (x, the APART script's block).
+    ``model.config`` records how to rebuild it.
     """
+    kw: dict[str, Any] = dict(mean=mean, std=std, shortcut=shortcut)
     if name == "preact18":
-        return PreActResNet18(num_classes, in_channels, 64 if width is None else width, mean=mean, std=std)
+        return PreActResNet18(num_classes, in_channels, 64 if width is None else width, **kw)
     if name == "wrn34_10":
-        return WideResNet(34, 10 if width is None else width, num_classes, in_channels, mean=mean, std=std)
+        return WideResNet(34, 10 if width is None else width, num_classes, in_channels, **kw)
     if name == "smallcnn":
-        return SmallCNN(num_classes, in_channels, 16 if width is None else width, mean=mean, std=std)
+        return SmallCNN(num_classes, in_channels, 16 if width is None else width, **kw)
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
 
 

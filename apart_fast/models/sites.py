@@ -7,6 +7,15 @@ the identity until a method arms it:
 - ``record``: keeps a reference to its input so the method can take ``dL/dh`` with
   ``torch.autograd.grad`` (pass 1);
 - ``apply``: returns ``h + alpha * sign`` through the fused ``layer_perturb`` op (pass 2).
+
+Reduced precision: under bf16 autocast, ``h + alpha*sign`` rounds back to ``h`` wherever ``|alpha|`` is
+below half the bf16 spacing at ``|h|`` (2^-8 relative: 0.004 at |h| = 1), yet ``dL/dalpha`` is
+computed as if it had been applied. Called as ``site(h, layer)`` with the bias-free linear layer the
+activation feeds (the block's first convolution), a site under reduced-precision autocast returns
+``layer(h) + alpha * layer(sign)`` with the sum in fp32 instead: equal in exact arithmetic, and the
+perturbation's effect keeps the layer's relative precision instead of vanishing (one extra
+convolution per site in pass 2). ``full_precision`` runs a layer in fp32 under autocast (the stem,
+so that the input perturbation, 8/255 = 2-4 bf16 steps near 0.5-1, is not quantised).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from apart_fast import ops
@@ -30,17 +40,35 @@ class PerturbSite(nn.Module):
         self.alpha: Tensor | None = None
         self.backend = "auto"
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, layer: nn.Module | None = None) -> Tensor:
+        """``h`` (perturbed when applying), or ``layer`` of it when given (see the module docstring)."""
         if self.mode == "record":
             self.recorded = h
-            return h
-        if self.mode == "apply":
-            return ops.layer_perturb(h, self.sign, self.alpha, backend=self.backend)
-        return h
+        elif self.mode == "apply":
+            if layer is not None and reduced_autocast(h) and getattr(layer, "bias", None) is None:
+                base = layer(h)
+                shift = layer(self.sign.to(torch.float32))  # -1, 0, 1: exact in any dtype
+                return base.float() + self.alpha * shift.float()
+            h = ops.layer_perturb(h, self.sign, self.alpha, backend=self.backend)
+        return layer(h) if layer is not None else h
 
     def disarm(self) -> None:
         """Back to identity, dropping every tensor the site held."""
         self.mode, self.recorded, self.sign, self.alpha = "off", None, None, None
+
+
+def reduced_autocast(x: Tensor) -> bool:
+    """Whether autocast to a 16-bit float type is active for ``x``'s device."""
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
+
+
+def full_precision(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` in fp32 even under autocast, so that a small perturbation of ``x`` is not rounded away."""
+    if not reduced_autocast(x):
+        return layer(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
 
 
 def find_sites(model: nn.Module) -> list[PerturbSite]:
@@ -74,4 +102,4 @@ def applying(sites: list[PerturbSite], signs: list[Tensor], alphas: list[Tensor]
             s.disarm()
 
 
-__all__ = ["PerturbSite", "applying", "find_sites", "recording"]
+__all__ = ["PerturbSite", "applying", "find_sites", "full_precision", "recording", "reduced_autocast"]

@@ -72,7 +72,7 @@ def test_probe_batch_is_fixed_unaugmented_and_cached(data):
     b = probe_batch(run)
     assert b is probe_batch(run)
     assert len(b) == 32 and not b.flip.any() and (b.crop == run.method.info.pad).all()
-    assert torch.equal(b.x, data.train_x[b.index].float() / 255)
+    assert torch.equal(b.x, run.data.train_x[b.index].float() / 255)  # the images trained on (store rows)
     assert len(set(b.y.tolist())) > 1  # not one class
 
 

@@ -250,3 +250,27 @@ def test_build_model_unknown_name() -> None:
 def test_perturb_site_is_marker_for_user_models() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), PerturbSite(), torch.nn.ReLU(), PerturbSite())
     assert len(find_sites(model)) == 2
+
+
+def test_raw_shortcut_differs_from_act_only_at_projections() -> None:
+    """Same weights: identity-shortcut blocks give the same output, projection blocks differ, and the raw
+    variant's projection reads the block input ``x`` (the APART script's block) where act reads relu(bn1(x))."""
+    act = _seeded(SmallCNN(10, 3, width=4, shortcut="act"))
+    raw = SmallCNN(10, 3, width=4, shortcut="raw").eval()
+    raw.load_state_dict(act.state_dict())
+    assert raw.config["kwargs"]["shortcut"] == "raw" and model_from_config(raw.config).layer2[0].raw_shortcut
+    x = torch.rand(2, 3, 8, 8)
+    seen: dict[str, torch.Tensor] = {}
+    for name, m in (("act", act), ("raw", raw)):
+        m.layer1.register_forward_hook(lambda mod, a, out, n=name: seen.__setitem__(n + "1", out))
+        m.layer2[0].register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n + "in", a[0]))
+        m.layer2[0].shortcut.register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n + "proj", a[0]))
+    with torch.no_grad():
+        out_act, out_raw = act(x), raw(x)
+    assert torch.equal(seen["act1"], seen["raw1"])  # identity shortcut: the same block
+    assert torch.equal(seen["rawproj"], seen["rawin"])  # raw: projection of the block input
+    blk = act.layer2[0]
+    torch.testing.assert_close(seen["actproj"], F.relu(blk.bn1(seen["actin"])))  # act: of relu(bn1(x))
+    assert not torch.allclose(out_act, out_raw)
+    with pytest.raises(ValueError, match="shortcut 'skip'"):
+        build_model("preact18", num_classes=10, in_channels=3, width=4, shortcut="skip")
