@@ -292,8 +292,9 @@ class Run:
         d = self.data = dataclasses.replace(d, train_x=self.train_x, train_y=self.train_y)  # what is trained on
         n_train = int(keep.shape[0])
         if cfg.batch_size > n_train:
-            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training examples ({n_all} less a "
-                              f"{n_val}-image validation slice); pass a smaller batch size")
+            held = f" ({n_all} less a {n_val}-image validation slice)" if n_val else ""
+            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training examples{held}; "
+                              "pass a smaller batch size")
         pad = d.pad if cfg.pad is None else cfg.pad
         flip = d.flip if cfg.flip is None else cfg.flip
         mean, std = (CIFAR_MEAN, CIFAR_STD) if cfg.normalize and d.channels == 3 else (None, None)
