@@ -4,8 +4,8 @@ Put ``PerturbSite()`` on the activation a residual block feeds to its first conv
 PreAct block, ``relu(bn1(x))``); the shortcut must take the block's unperturbed input. A site is
 the identity until a method arms it:
 
-- ``record``: keeps a reference to its input so the method can take ``dL/dh`` with
-  ``torch.autograd.grad`` (pass 1);
+- ``record``: returns (and keeps) an alias of its input, so the method can take ``dL/dh`` along the
+  site's own path with ``torch.autograd.grad`` (pass 1), in eager and compiled models alike;
 - ``apply``: returns ``h + alpha * sign`` through the fused ``layer_perturb`` op (pass 2).
 
 Reduced precision: under bf16 autocast, ``h + alpha*sign`` rounds back to ``h`` wherever ``|alpha|`` is
@@ -43,7 +43,7 @@ class PerturbSite(nn.Module):
     def forward(self, h: Tensor, layer: nn.Module | None = None) -> Tensor:
         """``h`` (perturbed when applying), or ``layer`` of it when given (see the module docstring)."""
         if self.mode == "record":
-            self.recorded = h
+            h = self._record(h)
         elif self.mode == "apply":
             if layer is not None and reduced_autocast(h) and getattr(layer, "bias", None) is None:
                 base = layer(h)
@@ -51,6 +51,15 @@ class PerturbSite(nn.Module):
                 return base.float() + self.alpha * shift.float()
             h = ops.layer_perturb(h, self.sign, self.alpha, backend=self.backend)
         return layer(h) if layer is not None else h
+
+    @torch.compiler.disable
+    def _record(self, h: Tensor) -> Tensor:
+        """Return an alias of ``h`` and keep it: dL/d(alias) is the gradient that reaches the first conv
+        through the site only (not the shortcut, which may read ``h`` too), the direction pass 2 perturbs.
+        Run outside any compiled graph (a graph break): inside one, the kept tensor would be a side output
+        that the loss does not depend on, and ``autograd.grad(loss, kept)`` would fail."""
+        self.recorded = h.view_as(h)
+        return self.recorded
 
     def disarm(self) -> None:
         """Back to identity, dropping every tensor the site held."""

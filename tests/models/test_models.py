@@ -113,6 +113,25 @@ def test_recorded_site_gives_gradient() -> None:
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+def test_recorded_gradient_is_the_site_path_not_the_shortcut() -> None:
+    """dL/dh of a recorded site is what a perturbation at the site sees (through conv1 only), also where
+    the projection shortcut reads the same ``relu(bn1(x))``: the same in eager and compiled models."""
+    torch.manual_seed(0)
+    block = PreActBlock(4, 8, stride=2)
+    assert block.shortcut is not None
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)
+    with recording([block.site]):
+        loss = (block(x) * w).sum()
+        (got,) = torch.autograd.grad(loss, [block.site.recorded])
+    a = F.relu(block.bn1(x))
+    delta = torch.zeros_like(a, requires_grad=True)
+    out = block.conv2(F.relu(block.bn2(block.conv1(a + delta)))) + block.shortcut(a)
+    (expected,) = torch.autograd.grad((out * w).sum(), [delta])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    through_both = torch.autograd.grad(((block.conv2(F.relu(block.bn2(block.conv1(a)))) + block.shortcut(a)) * w).sum(), [a])[0]
+    assert not torch.allclose(got, through_both, atol=1e-4)
+
+
 def _signs_for(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     sites = find_sites(model)
     with recording(sites):
