@@ -3,7 +3,7 @@
 from .datasets import DATASET_NAMES, ImageData, load_dataset, random_subset
 from .errors import DataError
 from .folder import default_cache_dir
-from .loader import Batch, DeviceLoader, augment_batch, iter_eval
+from .loader import Batch, DeviceLoader, augment_batch, decode_uint8, iter_eval
 
 __all__ = [
     "DATASET_NAMES",
@@ -12,6 +12,7 @@ __all__ = [
     "DeviceLoader",
     "ImageData",
     "augment_batch",
+    "decode_uint8",
     "default_cache_dir",
     "iter_eval",
     "load_dataset",

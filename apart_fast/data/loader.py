@@ -68,6 +68,19 @@ def augment_batch(
     return frame[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+_DECODE: dict[torch.device, torch.Tensor] = {}  # per device: float32 i/255 for every byte i
+
+
+def decode_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0,1] through a 256-entry table of ``i/255`` (fp32 division on the CPU),
+    so every device decodes bit for bit alike: CUDA's ``div_(255)`` multiplies by the fp32 reciprocal,
+    one ulp off the CPU for about half of the byte values."""
+    lut = _DECODE.get(x.device)
+    if lut is None:
+        lut = _DECODE[x.device] = (torch.arange(256, dtype=torch.float32) / 255).to(x.device)
+    return lut.index_select(0, x.reshape(-1).to(torch.int32)).view(x.shape)
+
+
 class DeviceLoader:
     """Batches a uint8 dataset kept whole on ``device``; each iteration is one epoch.
 
@@ -181,7 +194,7 @@ class DeviceLoader:
         self.epoch += 1
         for sl in self._slices(len(order)):
             idx = order[sl]
-            xb = self.x[idx].to(torch.float32).div_(255)
+            xb = decode_uint8(self.x[idx])
             cb, fb = crop[sl], flip[sl]
             if self.random_crop:
                 xb = augment_batch(xb, cb, fb, self.pad, self.pad_mode, self.pad_value)
@@ -199,5 +212,5 @@ def iter_eval(
     dev = torch.device(device)
     for start in range(0, int(x.shape[0]), batch_size):
         xb = x[start : start + batch_size].to(dev)
-        xb = xb.to(torch.float32).div_(255) if xb.dtype == torch.uint8 else xb.to(torch.float32)
+        xb = decode_uint8(xb) if xb.dtype == torch.uint8 else xb.to(torch.float32)
         yield xb, y[start : start + batch_size].to(dev, torch.int64)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apart_fast.attacks import eval_mode, pgd_attack
-from apart_fast.data import Batch
+from apart_fast.data import Batch, decode_uint8
 
 PROBE_K = 128  # largest probe batch; smaller when the training batch is smaller
 PGD_STEPS = 10
@@ -61,7 +61,7 @@ def probe_batch(run: Any) -> Batch:
     idx = torch.randperm(n, generator=g)[:k].sort().values
     pad = int(run.method.info.pad)
     batch = Batch(
-        x=d.train_x[idx].to(dev).float().div_(255),
+        x=decode_uint8(d.train_x[idx].to(dev)),
         y=d.train_y[idx].to(dev, torch.int64),
         index=idx.to(dev),
         crop=torch.full((k, 2), pad, dtype=torch.int64, device=dev),

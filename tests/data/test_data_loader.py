@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apart_fast.data import Batch, DataError, DeviceLoader, iter_eval, load_dataset
+from apart_fast.data import Batch, DataError, DeviceLoader, decode_uint8, iter_eval, load_dataset
 
 
 def _data(n: int = 37, c: int = 3, h: int = 6, w: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +185,19 @@ def test_iter_eval_batches_in_order() -> None:
     assert torch.equal(torch.cat([b[1] for b in out]), y)
 
 
+def test_decode_is_the_cpu_division_for_every_byte() -> None:
+    """The 256-entry table holds fp32 ``i/255`` as the CPU divides; the loader and iter_eval decode through it."""
+    every = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    got = decode_uint8(every)
+    assert got.dtype == torch.float32 and got.shape == every.shape
+    assert torch.equal(got, every.float() / 255)
+    assert torch.equal(got.flatten()[[0, 255]], torch.tensor([0.0, 1.0]))
+    y = torch.zeros(4, dtype=torch.int64)
+    (batch,) = DeviceLoader(every, y, 4, shuffle=False, augment=False)
+    assert torch.equal(batch.x, got)
+    assert torch.equal(next(iter_eval(every, y, 4))[0], got)
+
+
 def test_small_cnn_learns_synthetic() -> None:
     """The synthetic smoke-test data is learnable through the loader in a few epochs."""
     threads = torch.get_num_threads()
@@ -215,6 +228,13 @@ def test_small_cnn_learns_synthetic() -> None:
     finally:
         torch.set_num_threads(threads)
     assert correct / len(d.test_y) > 0.5  # chance is 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_is_bit_identical_to_cpu() -> None:
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(decode_uint8(every.cuda()).cpu(), decode_uint8(every))
 
 
 @pytest.mark.gpu
