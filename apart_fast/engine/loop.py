@@ -85,7 +85,8 @@ def auto_device(name: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``name`` (``auto`` included) as a torch.device, refusing CUDA when none is available."""
+    """``name`` (``auto`` included) as a torch.device, refusing CUDA when none is available; ``cuda:N`` also
+    becomes the current CUDA device, since graph capture, the current stream and Triton launches all use it."""
     name = auto_device(name)
     try:
         dev = torch.device(name)
@@ -93,6 +94,11 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} requested but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None:
+        n = torch.cuda.device_count()
+        if dev.index >= n:
+            raise ConfigError(f"--device {name}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
+        torch.cuda.set_device(dev)
     return dev
 
 
