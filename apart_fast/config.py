@@ -164,6 +164,7 @@ class Config:
     cuda_graphs: bool | None = None  # capture the steady-state step in a CUDA graph; None: on for CUDA when the method can
     channels_last: bool | None = None  # NHWC memory format for the model and batches; None: on for CUDA
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager generates no code (quick CPU checks)
     sync_bn: bool = False  # several CUDA processes: SyncBatchNorm (global batch statistics) instead of per-rank ones
 
     def __post_init__(self) -> None:

@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each step in a CUDA graph (default: the engine's, on for CUDA where possible)")
     c.add_argument("--compile", action="store_true", help="torch.compile the model")
+    c.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     c.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="every method also updates a weight average (train --ema) after each step: its cost is in the times")
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend, warmup=args.warmup, steps=args.steps, rounds=args.rounds, pgd_steps=args.pgd_steps,
         free_replays=args.free_replays, seed=args.seed, train_epochs=args.train_epochs, eval=args.eval,
         eval_n=args.eval_n, out=args.out, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
-        compile=args.compile, ema=args.ema,
+        compile=args.compile, compile_backend=args.compile_backend, ema=args.ema,
     )
     result = run_cost(opts)
     print((Path(result["out"]) / "cost.md").read_text())

@@ -76,6 +76,7 @@ class CostOptions:
     progress: bool = True
     cuda_graphs: bool | None = None  # None: the engine's default (on for CUDA where the method can be captured)
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation)
     ema: float | None = None  # every method also updates a weight average with this decay after each step
 
     def validate(self) -> CostOptions:
@@ -117,7 +118,8 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
-                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile, ema=opts.ema).validate()
+                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile,
+                  compile_backend=opts.compile_backend, ema=opts.ema).validate()
 
 
 class _Memory:
@@ -431,7 +433,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- memory: {result['memory']}",
         "",
         f"- CUDA graphs: {', '.join(r['label'] for r in rows if r.get('cuda_graphs')) or 'none'}; "
-        f"torch.compile: {'on' if o.get('compile') else 'off'}; weight averaging: "
+        f"torch.compile: {o.get('compile_backend', 'inductor') if o.get('compile') else 'off'}; weight averaging: "
         + (f"EMA {o['ema']:g} updated after every step" if o.get("ema") is not None else "off"),
         "",
         "| method | passes/step | ms/step (median) | IQR ms | min-max ms | ms/update | images/s | s/epoch | x PGD (step) "

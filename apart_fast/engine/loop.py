@@ -338,7 +338,11 @@ class Run:
         self.precision = Precision(cfg.amp, self.device, cache=not self.graphs)
         self.method.use(self.precision, self.comm)
         if cfg.compile:
-            self.method.model = torch.compile(self.model)  # the engine keeps the plain module for checkpoints
+            if cfg.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+                raise ConfigError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend; use inductor, "
+                                  "aot_eager or another name from torch.compiler.list_backends(exclude_tags=())")
+            # the engine keeps the plain module for checkpoints
+            self.method.model = torch.compile(self.model, backend=cfg.compile_backend)
         store = getattr(self.method, "store", None)
         self.comm.broadcast_([*getattr(self.method, "step_sizes", list)(), *([store] if store is not None else [])])
         self.epochs = math.ceil(cfg.epochs / self.method.data_passes_divisor)

@@ -1,5 +1,5 @@
-"""``--device cuda:N``: the run's device becomes the current CUDA device (graph capture, streams and
-Triton launches follow the current device, not the tensors')."""
+"""What ``Run`` sets up before training: ``--device cuda:N`` becomes the current CUDA device (graph capture,
+streams and Triton launches follow the current device, not the tensors'); ``--compile-backend`` is checked."""
 
 from __future__ import annotations
 
@@ -44,3 +44,10 @@ def test_captured_apart_step_runs_on_cuda_1(tmp_path):
         assert bool(torch.isfinite(run.method.store).all())  # type: ignore[attr-defined]
     finally:
         torch.cuda.set_device(0)
+
+
+def test_unknown_compile_backend_is_one_line(tmp_path):
+    cfg = Config(method="clean", dataset="synthetic", width=4, batch_size=32, epochs=1, out=str(tmp_path), compile=True,
+                 compile_backend="nope")
+    with pytest.raises(ConfigError, match="--compile-backend 'nope' is not a torch.compile backend; use inductor"):
+        Run(cfg)
