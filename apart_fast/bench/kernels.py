@@ -63,7 +63,10 @@ def _pick(keys: tuple[str, ...], *dicts: dict[str, Any]) -> Any:
 
 
 def parse_benchmark(b: dict[str, Any]) -> dict[str, Any]:
-    """One pytest-benchmark record as a row: identity, time statistics (seconds) and what extra_info says."""
+    """One pytest-benchmark record as a row: identity, time statistics (seconds) and what extra_info says.
+
+    Times come from ``extra_info["time_s"]`` where the benchmark timed itself (CUDA events over back-to-back
+    calls, see benchmarks/conftest.py), else from pytest-benchmark's own statistics."""
     extra, params = b.get("extra_info") or {}, b.get("params") or {}
     stats = b.get("stats") or {}
     name = b.get("name", "?")
@@ -76,8 +79,10 @@ def parse_benchmark(b: dict[str, Any]) -> dict[str, Any]:
         row["backend"] = f"{row['provider']} ({row['backend']})"  # e.g. fused (cpp)
     if isinstance(row["size"], list | tuple):
         row["size"] = "x".join(str(s) for s in row["size"])
+    timed = extra.get("time_s") if isinstance(extra.get("time_s"), dict) else None
     for k in ("median", "iqr", "q1", "q3", "min", "max", "mean", "stddev", "rounds"):
-        row[k] = stats.get(k)
+        row[k] = (timed if timed is not None and k in timed else stats).get(k)
+    row["timer"] = timed.get("timer") if timed is not None else "pytest-benchmark"
     med = row["median"]
     row["gbps"] = row["bytes"] / med / 1e9 if row["bytes"] and med else None
     row["extra_info"] = extra
@@ -284,6 +289,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"theoretical {env.get('theoretical_gbps')} GB/s (nvidia-ml-py)")
     if cb:
         lines.append(f"- copy bandwidth: {cb['gbps']:.1f} GB/s ({cb['source']})")
+    timers = sorted({str(r.get("timer")).split(" (")[0] for r in result["rows"]})
+    if timers:
+        lines.append(f"- timed by: {'; '.join(timers)}")
     lines += ["", table(result["rows"]), "",
               "GB/s counts the bytes each op must move once; above 100% of copy the working set sits in cache."]
     if "compare" in result:
