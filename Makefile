@@ -1,12 +1,13 @@
 # make demo: train APART, PGD-10 and FGSM-RS on the bundled digits data (CPU, a few minutes).
-# make test: the test suite. Both create .venv and install everything on first use.
+# make test: the test suite, then the same checks under the GPU image's versions (test-gpuimage).
+# Both create .venv and install everything on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-main test-gpuimage lint clean
 
 install: $(STAMP)
 
@@ -19,11 +20,36 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*)
 demo: $(STAMP)
 	$(PY) -m apart_fast demo
 
-test: $(STAMP)
+test: test-main test-gpuimage
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The GPU image's torch, triton and torchvision (requirements-gpuimage.txt) in a second venv that reads every
+# other package from .venv (a .pth line); on a copy of the work tree whose C++ extension is built against that
+# torch: the Triton tests under the interpreter and the GPU suite's CPU dry run (benchmarks/gpu_suite.sh).
+GPUIMG := .venv-gpuimage
+GPUIMG_STAMP := $(GPUIMG)/.installed
+
+$(GPUIMG_STAMP): $(STAMP) requirements-gpuimage.txt
+	rm -rf $(GPUIMG)
+	python3 -m venv $(GPUIMG)
+	$(GPUIMG)/bin/python -m pip install -q --no-deps -r requirements-gpuimage.txt
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+		"$$($(GPUIMG)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	touch $@
+
+test-gpuimage: $(GPUIMG_STAMP)
+	rm -rf $(GPUIMG)/src $(GPUIMG)/dry-run && mkdir -p $(GPUIMG)/src
+	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(GPUIMG)/src
+	cd $(GPUIMG)/src && APART_FAST_NO_CUDA=1 ../bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(GPUIMG)/src && ../bin/python -c "import torch, triton; assert (torch.__version__.split('+')[0], triton.__version__) \
+		== ('2.11.0', '3.6.0'), (torch.__version__, triton.__version__)"
+	cd $(GPUIMG)/src && PYTHON=../bin/python bash benchmarks/gpu_suite.sh --dry-run ../dry-run
+	cd $(GPUIMG)/src && ../bin/python -m pytest -q -p no:cacheprovider tests/ops/test_triton.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build *.egg-info apart_fast/*.so
+	rm -rf build *.egg-info apart_fast/*.so $(GPUIMG)

@@ -36,7 +36,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, rep_ms: float = 5
 
         ms = do_bench(fn, warmup=max(1, int(rep_ms / 5)), rep=int(rep_ms), quantiles=list(qs))
         t = [v / 1e3 for v in ms]
-        timer = "CUDA events per call (triton.testing.do_bench, L2 flushed)"
+        timer, calls = "CUDA events per call (triton.testing.do_bench, L2 flushed)", None
     else:
         fn()
         times: list[float] = []
@@ -46,8 +46,8 @@ def time_calls(fn: Callable[[], object], device: torch.device, rep_ms: float = 5
             fn()
             times.append(time.perf_counter() - t0)
         t = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor(qs, dtype=torch.float64)).tolist()
-        timer = f"perf_counter per call ({len(times)} calls)"
-    return dict(zip(("min", "q1", "median", "q3", "max"), t), iqr=t[3] - t[1], timer=timer)
+        timer, calls = "perf_counter per call", len(times)
+    return dict(zip(("min", "q1", "median", "q3", "max"), t), iqr=t[3] - t[1], timer=timer, rounds=calls)
 
 
 @pytest.fixture(scope="session")

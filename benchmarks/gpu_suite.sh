@@ -1,109 +1,177 @@
 #!/usr/bin/env bash
-# Everything worth measuring on a lent GPU, in one call of at most ~9 minutes, from the repository root:
-#   benchmarks/gpu_suite.sh [OUTDIR] [CIFAR_TGZ]
-# Needs torch, triton and nvcc; no internet. Steps: build the extension (pip install -e .), the GPU-marked
-# tests, the op benchmarks (bench kernels; torch.compile providers last), bench cost for PreAct ResNet-18 width 64 at batch 128 and 512,
-# and a short CIFAR-10 (JPEG) training of APART and PGD-10 (data: 2nd argument or $CIFAR_TGZ; skipped when
-# absent). Each step has its own timeout, cut to what is left of SUITE_BUDGET_S (default 540 s); a failed
-# step is recorded and the suite goes on. Every log, JSON and table lands in OUTDIR; a summary is printed last.
-# Environment: PYTHON (default python), SUITE_BUDGET_S, TRAIN_EPOCHS (default 1), MAX_JOBS (default nproc).
+# The GPU suite: every figure a lent GPU should produce, in at most 6 minutes of command time (install included),
+# written as one summary.md (tables to paste into the README) and summary.json.
+#
+# On the lent machine (the device tool's `run`, from the repository root; its image has python3 3.12,
+# torch 2.11 cu130, triton 3.6, nvcc 13.0 and no network):
+#   1. Before the call, here, put the CIFAR-10 archive into the work tree as an untracked file (19.6 MB; untracked
+#      files travel with the tree): cp ../shared/data/cifar10-jpeg.tar.gz cifar10-jpeg.tar.gz
+#   2. run(command="benchmarks/gpu_suite.sh --export $OUT /tmp/suite", timeout_s=420)
+#      $OUT then holds summary.md, summary.json and logs.tar.gz, rewritten after every step, so a cut-short
+#      call still returns what finished. Without the archive the training step is skipped (recorded as SKIP).
+#   3. If a part failed, fix it and rerun only that part: --part a (install, GPU tests, kernel table) or
+#      --part b (cost per step, eager vs graphs vs compile, CIFAR-10 training); each part works alone, and
+#      part b installs first when the CUDA extension is not built yet.
+#   Then: rm cifar10-jpeg.tar.gz
+#
+# Usage: benchmarks/gpu_suite.sh [--dry-run] [--part a|b|all] [--export DIR] OUTDIR [CIFAR_TGZ]
+#   --dry-run   every step on the CPU at tiny sizes: the same commands, parsing and summary (CI runs this)
+#   CIFAR_TGZ   default: cifar10-jpeg.tar.gz in the repository root, if present
+# Budget (seconds of command time, each step's timeout cut to what is left): all 345, part a 200, part b 200
+# (dry run: 1800, step caps x8); SUITE_BUDGET_S overrides. A failed or timed-out step is recorded and the suite goes on.
+# Environment: PYTHON (default python3), SUITE_BUDGET_S, TRAIN_EPOCHS (default 1), MAX_JOBS (default nproc).
 set -u
 cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
 
-OUT=${1:-gpu-suite-$(date +%Y%m%d-%H%M%S)}
-CIFAR=${2:-${CIFAR_TGZ:-}}
-PY=${PYTHON:-python}
-BUDGET=${SUITE_BUDGET_S:-540}
-RESERVE=15  # seconds kept for the summary
+DRY=0 PART=all EXPORT=""
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --dry-run) DRY=1; shift ;;
+        --part) PART=${2:-}; shift 2 ;;
+        --export) EXPORT=${2:-}; shift 2 ;;
+        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        -*) echo "gpu_suite: unknown option $1; see --help" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+case $PART in a | b | all) ;; *) echo "gpu_suite: --part $PART; use a, b or all" >&2; exit 2 ;; esac
+[[ $# -ge 1 ]] || { echo "gpu_suite: give the output folder: benchmarks/gpu_suite.sh [options] OUTDIR [CIFAR_TGZ]" >&2; exit 2; }
+OUT=$1
+CIFAR=${2:-}
+[[ -z $CIFAR && -f $ROOT/cifar10-jpeg.tar.gz ]] && CIFAR=$ROOT/cifar10-jpeg.tar.gz
+PY=${PYTHON:-python3}
+case $PART in all) DEFAULT_BUDGET=345 ;; *) DEFAULT_BUDGET=200 ;; esac
+CAPX=1  # step caps are multiplied by this: the dry run's CPU is slower at everything
+if [[ $DRY == 1 ]]; then DEFAULT_BUDGET=1800 CAPX=8; fi
+BUDGET=${SUITE_BUDGET_S:-$DEFAULT_BUDGET}
+RESERVE=10  # seconds kept for the last summary
 START=$(date +%s)
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)
+[[ -n $EXPORT ]] && { mkdir -p "$EXPORT" && EXPORT=$(cd "$EXPORT" && pwd) || exit 1; }
 STEPS="$OUT/steps.tsv"
-printf 'step\tstatus\trc\tseconds\tlog\n' > "$STEPS"
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PYTHONUNBUFFERED=1
+[[ -f $STEPS ]] || printf 'step\tstatus\trc\tseconds\tlog\n' > "$STEPS"
+printf '{"started": "%s", "part": "%s", "budget_s": %s, "dry_run": %s}\n' "$(date -u +%FT%TZ)" "$PART" "$BUDGET" \
+    "$([[ $DRY == 1 ]] && echo true || echo false)" > "$OUT/suite.json"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
 left() { echo $(( BUDGET - ($(date +%s) - START) - RESERVE )); }
 
+# The summary (and the export) after every step, so a call cut short still returns the finished figures.
+summarize() {
+    "$PY" benchmarks/gpu_summary.py "$OUT" > /dev/null 2>> "$OUT/summary.err"
+    if [[ -n $EXPORT ]]; then
+        cp -f "$OUT/summary.md" "$OUT/summary.json" "$EXPORT/" 2> /dev/null
+        tar -czf "$EXPORT/logs.tar.gz" --exclude='*.pt' -C "$OUT" . 2> /dev/null
+    fi
+}
+
 # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, time left), log to OUT/NAME.log, record the outcome.
 step() {
-    local name=$1 cap=$2
+    local name=$1 cap=$(( $2 * CAPX ))
     shift 2
-    local t
+    local t log="$OUT/$name.log" s0 rc status
     t=$(left)
     (( t > cap )) && t=$cap
-    local log="$OUT/$name.log"
     if (( t < 10 )); then
         echo "== $name: SKIPPED (suite budget spent)"
         printf '%s\tSKIP\t-\t0\t%s\n' "$name" "no time left" >> "$STEPS"
         return 0
     fi
     echo "== $name (timeout ${t}s): $*"
-    local s0 rc status
     s0=$(date +%s)
-    timeout --kill-after=10 "$t" "$@" > "$log" 2>&1
+    timeout --kill-after=5 "$t" "$@" > "$log" 2>&1
     rc=$?
-    case $rc in
-        0) status=ok ;;
-        124 | 137) status=TIMEOUT ;;
-        *) status=FAIL ;;
-    esac
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - s0 ))" "$log" >> "$STEPS"
+    case $rc in 0) status=ok ;; 124 | 137) status=TIMEOUT ;; *) status=FAIL ;; esac
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - s0 ))" "$name.log" >> "$STEPS"
     echo "   $status (rc $rc, $(( $(date +%s) - s0 ))s)"
     [[ $status == ok ]] || tail -n 5 "$log" | sed 's/^/   | /'
-    return 0
+    summarize
 }
 
-step env 20 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version; nproc; free -g"
-step install 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
-step info 20 "$PY" -c "import apart_fast.ops.dispatch as d, torch; print({b: d.available(b) or d.unavailable_reason(b) for b in d.BACKENDS}); print('auto on cuda:', d.auto_backend(torch.device('cuda')))"
-step gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-# torch.compile providers compile per op and size: they run last, in whatever time is left
-KT=$(( $(left) - 15 )); (( KT > 100 )) && KT=100
-step kernels 115 "$PY" -m apart_fast bench kernels --filter "not compile" --out "$OUT/kernels" --timeout "$KT"
+skip() {  # skip NAME REASON
+    echo "== $1: SKIPPED ($2)"
+    printf '%s\tSKIP\t-\t0\t%s\n' "$1" "$2" >> "$STEPS"
+    summarize
+}
 
-DTYPE=$("$PY" -c "import torch; print('bf16' if torch.cuda.is_bf16_supported() else 'fp32')" 2>/dev/null || echo fp32)
-case $DTYPE in bf16 | fp32) ;; *) DTYPE=fp32 ;; esac
-echo "== cost dtype: $DTYPE (bf16 autocast where the GPU supports it)"
-COST=(--model preact18 --width 64 --dataset synthetic --image-size 32 --synthetic-n 50000 --epoch-size 50000
-      --device cuda --dtype "$DTYPE" --warmup 5 --steps 20 --rounds 2 --no-progress)
-step cost_b128 75 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size 128 --out "$OUT/cost-b128"
-step cost_b512 90 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size 512 --out "$OUT/cost-b512"
-# The engine issue's comparison at batch 128: eager vs CUDA graphs (cost_b128 above) vs graphs + torch.compile
-FAST=(--methods clean,fgsm_rs,pgd,apart --batch-size 128)
-step cost_b128_eager 60 "$PY" -m apart_fast bench cost "${COST[@]}" "${FAST[@]}" --no-cuda-graphs --out "$OUT/cost-b128-eager"
-step cost_b128_compile 120 "$PY" -m apart_fast bench cost "${COST[@]}" "${FAST[@]}" --compile --out "$OUT/cost-b128-compile"
-
-if [[ -n $CIFAR && -e $CIFAR ]]; then
-    step train_cifar10 400 "$PY" -m apart_fast bench cost --methods pgd,apart --model preact18 --width 64 \
-        --batch-size 128 --dataset cifar10 --data-dir "$CIFAR" --device cuda --dtype "$DTYPE" --warmup 3 --steps 10 \
-        --train-epochs "${TRAIN_EPOCHS:-1}" --eval --eval-n 2000 --no-progress --out "$OUT/train-cifar10"
+if [[ $DRY == 1 ]]; then
+    DEVICE=cpu DTYPE=fp32 CB=aot_eager
+    KFILTER="2x3x8x8 and not compile"
+    MODEL=(--model smallcnn --width 4 --dataset synthetic --synthetic-n 64 --pgd-steps 2)
+    TIMING=(--warmup 1 --steps 1 --rounds 1)
+    B_SMALL=16 B_LARGE=32
+    TRAIN_DATA=(--dataset synthetic --synthetic-n 64 --model smallcnn --width 4 --batch-size 16 --pgd-steps 2 --eval-n 16)
+    INSTALL=(bash -c "'$PY' -m pip --version && '$PY' -c 'import apart_fast.ops.dispatch; print(\"dry run: no build, the installed package imports\")'")
 else
-    echo "== train_cifar10: SKIPPED (no CIFAR-10 archive: pass it as the 2nd argument or set CIFAR_TGZ)"
-    printf 'train_cifar10\tSKIP\t-\t0\tno CIFAR-10 archive given\n' >> "$STEPS"
+    DEVICE=cuda CB=inductor
+    DTYPE=$("$PY" -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp32')" 2>/dev/null)
+    [[ $DTYPE == bf16 ]] || DTYPE=fp32
+    KFILTER="(128x3x32x32 or 128x64x32x32) and not compile"
+    MODEL=(--model preact18 --width 64 --dataset synthetic --image-size 32 --synthetic-n 4096 --epoch-size 50000)
+    TIMING=(--warmup 5 --steps 10 --rounds 2)
+    B_SMALL=128 B_LARGE=512
+    TRAIN_DATA=(--dataset cifar10 --data-dir "$CIFAR" --model preact18 --width 64 --batch-size 128 --eval-n 1000)
+    INSTALL=("$PY" -m pip install --no-build-isolation --no-deps -e .)
+fi
+COST=(--device "$DEVICE" --dtype "$DTYPE" --no-progress --methods clean,fgsm_rs,pgd,apart "${MODEL[@]}" "${TIMING[@]}")
+
+ENV_CMD='import sys, subprocess, torch
+def run(c):
+    try:
+        return subprocess.run(c, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:
+        return f"unavailable ({type(e).__name__})"
+try:
+    import triton
+    tv = triton.__version__
+except Exception as e:
+    tv = f"absent ({type(e).__name__})"
+nvcc = run(["nvcc", "--version"]).splitlines()
+print("suite-env python:", sys.version.split()[0])
+print("suite-env torch:", torch.__version__)
+print("suite-env torch_cuda:", torch.version.cuda)
+print("suite-env triton:", tv)
+print("suite-env gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)")
+print("suite-env nvcc:", nvcc[-1] if nvcc else "-")
+print("suite-env commit:", run(["git", "rev-parse", "--short", "HEAD"]) or "-")
+print(run(["nvidia-smi"]))'
+
+echo "gpu_suite: part $PART, budget ${BUDGET}s, $( [[ $DRY == 1 ]] && echo 'CPU dry run' || echo "device $DEVICE, $DTYPE"), out $OUT"
+step env 30 "$PY" -c "$ENV_CMD"
+
+if [[ $PART != b ]] || ! "$PY" -c "import apart_fast._C_cuda, apart_fast.kernels" > /dev/null 2>&1 || [[ $DRY == 1 ]]; then
+    step install 170 "${INSTALL[@]}"
 fi
 
-KT=$(( $(left) - 15 ))
-step kernels_compile 120 "$PY" -m apart_fast bench kernels --filter "compile and 128x64x32x32" \
-    --out "$OUT/kernels-compile" --timeout "$KT"
+if [[ $PART != b ]]; then
+    step info 30 "$PY" -c "import apart_fast.ops.dispatch as d, torch; print({b: d.available(b) or d.unavailable_reason(b) for b in d.BACKENDS}); print('auto backend:', d.auto_backend(torch.device('$DEVICE')))"
+    XDIST=()  # pytest-xdist where installed (the GPU image has it): several test processes share the GPU
+    "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 4 --dist loadfile)
+    step gpu_tests 90 "$PY" -m pytest -m gpu -v -p no:cacheprovider "${XDIST[@]}" tests
+    step kernels 75 "$PY" -m apart_fast bench kernels --filter "$KFILTER" --out "$OUT/kernels" --timeout $(( 65 * CAPX ))
+fi
 
-{
-    echo
-    echo "================ gpu_suite summary ($(( $(date +%s) - START ))s of ${BUDGET}s) -> $OUT"
-    column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
-    for f in "$OUT"/cost-b128/cost.md "$OUT"/cost-b512/cost.md "$OUT"/cost-b128-eager/cost.md \
-             "$OUT"/cost-b128-compile/cost.md; do
-        [[ -f $f ]] || continue
-        echo "-- $(head -n 1 "$f" | sed 's/^# //')"
-        grep '^|' "$f" | cut -c1-160
-    done
-    if [[ -f $OUT/kernels/kernels.md ]]; then
-        echo "-- kernels ($(grep -c '^| [a-z]' "$OUT/kernels/kernels.md") rows; full table in kernels/kernels.md)"
-        grep -m 2 -E '^- (GPU memory|copy bandwidth)' "$OUT/kernels/kernels.md"
-        grep '^|' "$OUT/kernels/kernels.md" | head -n 14 | cut -c1-160
+if [[ $PART != a ]]; then
+    step cost_b128 60 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size "$B_SMALL" --cuda-graphs --out "$OUT/cost-b128"
+    step cost_b512 70 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size "$B_LARGE" --cuda-graphs --out "$OUT/cost-b512"
+    step cost_b128_eager 45 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size "$B_SMALL" --no-cuda-graphs \
+        --out "$OUT/cost-b128-eager"
+    if [[ $DRY == 1 || ( -n $CIFAR && -f $CIFAR ) ]]; then
+        step train 100 "$PY" -m apart_fast bench cost --methods pgd,apart "${TRAIN_DATA[@]}" --device "$DEVICE" \
+            --dtype "$DTYPE" --warmup 2 --steps 3 --train-epochs "${TRAIN_EPOCHS:-1}" --eval --no-progress --out "$OUT/train"
+    else
+        skip train "no CIFAR-10 archive: cifar10-jpeg.tar.gz in the repository root, or the 2nd argument"
     fi
-    if [[ -f $OUT/train-cifar10/cost.md ]]; then
-        echo "-- CIFAR-10 training"
-        grep -A 4 '^| method | epochs' "$OUT/train-cifar10/cost.md" | cut -c1-160
-    fi
-} | tee "$OUT/summary.txt"
+    # torch.compile last: its compile time is the least predictable
+    step cost_b128_compile 120 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size "$B_SMALL" --cuda-graphs \
+        --compile --compile-backend "$CB" --out "$OUT/cost-b128-compile"
+fi
+
+summarize
+echo
+echo "================ gpu_suite: $(( $(date +%s) - START ))s of ${BUDGET}s -> $OUT/summary.md"
+cat "$OUT/summary.md"
+# exit status: 0 when every step that ran succeeded
+! cut -f2 "$STEPS" | grep -qxE 'FAIL|TIMEOUT'

@@ -289,7 +289,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"theoretical {env.get('theoretical_gbps')} GB/s (nvidia-ml-py)")
     if cb:
         lines.append(f"- copy bandwidth: {cb['gbps']:.1f} GB/s ({cb['source']})")
-    timers = sorted({str(r.get("timer")).split(" (")[0] for r in result["rows"]})
+    timers = sorted({str(r.get("timer")) for r in result["rows"]})
     if timers:
         lines.append(f"- timed by: {'; '.join(timers)}")
     lines += ["", table(result["rows"]), "",
