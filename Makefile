@@ -33,10 +33,10 @@ GPUIMG_STAMP := $(GPUIMG)/.installed
 
 $(GPUIMG_STAMP): $(STAMP) requirements-gpuimage.txt
 	rm -rf $(GPUIMG)
-	python3 -m venv $(GPUIMG)
-	$(GPUIMG)/bin/python -m pip install -q --no-deps -r requirements-gpuimage.txt
+	python3 -m venv --without-pip $(GPUIMG)  # pip and setuptools come from .venv too
 	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
 		"$$($(GPUIMG)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	$(GPUIMG)/bin/python -m pip install -q --no-deps -r requirements-gpuimage.txt
 	touch $@
 
 test-gpuimage: $(GPUIMG_STAMP)
