@@ -18,7 +18,7 @@ def _train(method: str, epochs: int) -> nn.Module:
     from apart_fast.engine.loop import train
 
     data = load_dataset("digits", seed=0)
-    cfg = demo_config(method, epochs, "cpu", 0, n_train=int(data.train_x.shape[0]))
+    cfg = demo_config(method, epochs, "cpu", 0)
     cfg.final_eval_steps, cfg.eval_n = 0, 0
     before = os.environ.get("APART_FAST_PROBE")
     os.environ["APART_FAST_PROBE"] = "0"

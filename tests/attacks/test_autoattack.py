@@ -26,7 +26,9 @@ def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(fgsm_rs_model,
     ours = evaluate_autoattack(model, x, y, EPS, seed=0, batch_size=64)  # the standard version: 100 iterations
     pgd20 = evaluate(model, x, y, eps=EPS, step=EPS / 4, steps=20)["robust_acc"]
     assert 0.2 < pgd20  # a robust model: the comparison means something
-    assert abs(ours["robust_acc"] - direct_acc) <= 0.01 + 1e-9
+    # The standard version's 100 iterations (torchattacks 3.5.1 runs 10) may only find more: never weaker than the
+    # direct call, and at most 2 of the 120 points (1.7 points) stronger.
+    assert direct_acc - 2 / len(y) - 1e-9 <= ours["robust_acc"] <= direct_acc + 1e-9
     assert ours["robust_acc"] <= pgd20
     assert ours["clean_acc"] == evaluate(model, x, y, steps=0)["clean_acc"]
     s = ours["settings"]
@@ -37,6 +39,7 @@ def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(fgsm_rs_model,
 def test_bounds_modes_gradients_and_rng_are_left_alone(clean_model, digits_points):
     model, (x, y) = clean_model, digits_points
     x, y = x[:16], y[:16]
+    model.zero_grad(set_to_none=True)  # the fixture's last training step left its gradients
     model.train()
     model.head.eval()  # a mixed state must come back as it was
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
