@@ -14,6 +14,10 @@ Memory: on CUDA, ``torch.cuda.max_memory_allocated`` from building the Run to th
 less what was allocated before; on the CPU, the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before building the Run) less its RSS before — both include the Run's model,
 optimizer, method state (APART's per-example store) and the dataset's device copy.
+
+Launches: after timing, one more step of each method runs under torch.profiler and its kernel
+launches are counted (``bench.launches``: kernel-launching leaf aten calls on the CPU, CUDA kernels
+and copies on a GPU), so a launch-count regression shows in the table beside ms/step.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from apart_fast.bench.env import environment, timestamp
+from apart_fast.bench.launches import count_launches
 from apart_fast.config import METHODS, Config, ConfigError
 from apart_fast.data import Batch, ImageData, load_dataset
 
@@ -232,6 +237,12 @@ class _Timed:
                 self.times.append(dt)
             bar.update(1)
 
+    def launches(self) -> dict[str, Any]:
+        """Kernel launches of one more (untimed) step of the engine, under the profiler."""
+        step = self.run.stepper if self.run.stepper is not None else self.run.step
+        batch = next(self.stream)
+        return count_launches(lambda: step(batch), self.device)
+
     def finish_memory(self) -> None:
         if self.peak_bytes is None:
             self.peak_bytes = self.memory.peak()
@@ -261,6 +272,7 @@ def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], s
             for t in timed:
                 bar.set_description(f"bench cost: {t.name} (round {r + 1})")
                 t.steps(opts.steps, record=True, bar=bar)
+        launches = {t.name: t.launches() for t in timed}
     finally:
         bar.close()
     n_train = int(data.train_x.shape[0])
@@ -291,6 +303,9 @@ def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], s
             "peak_mem_bytes": t.peak_bytes,
             "last_loss": float(loss) / float(n) if loss is not None and n is not None else None,
             "backend": _resolved_backend(opts.backend, device),
+            "launches_per_step": launches[t.name]["total"],
+            "launch_kind": launches[t.name]["kind"],
+            "launches_by_op": launches[t.name]["by_op"],
         })
         del t.run
     _add_ratios(rows)
@@ -431,14 +446,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"epoch = {d['epoch_size']} examples",
         f"- timing: {result['timing']}; {o['warmup']} warm-up + {o['steps']} timed steps x {o['rounds']} round(s) per method",
         f"- memory: {result['memory']}",
+        f"- launches: per step, {rows[0]['launch_kind'] if rows else '-'} of one more step, under torch.profiler",
         "",
         f"- CUDA graphs: {', '.join(r['label'] for r in rows if r.get('cuda_graphs')) or 'none'}; "
         f"torch.compile: {o.get('compile_backend', 'inductor') if o.get('compile') else 'off'}; weight averaging: "
         + (f"EMA {o['ema']:g} updated after every step" if o.get("ema") is not None else "off"),
         "",
         "| method | passes/step | ms/step (median) | IQR ms | min-max ms | ms/update | images/s | s/epoch | x PGD (step) "
-        "| x PGD (epoch) | x clean (step) | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x PGD (epoch) | x clean (step) | peak MiB | launches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["step_s"]
@@ -446,7 +462,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['label']} | {r['passes_per_step']} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])}-{_ms(s['max'])} "
             f"| {_ms(r['s_per_update'])} | {r['images_per_s']:.0f} | {r['s_per_epoch']:.2f} | {_ratio(r['step_vs_pgd'])} "
             f"| {_ratio(r['epoch_vs_pgd'])} "
-            f"| {_ratio(r['step_vs_clean'])} | {_mib(r['peak_mem_bytes'])} |"
+            f"| {_ratio(r['step_vs_clean'])} | {_mib(r['peak_mem_bytes'])} | {r.get('launches_per_step', '-')} |"
         )
     if any(r["method"] == "free" for r in rows):
         m = next(r for r in rows if r["method"] == "free")["epoch_divisor"]

@@ -69,7 +69,7 @@ from apart_fast.models import build_model
 from apart_fast.step.amp import Precision
 from apart_fast.step.distributed import LOCAL, Comm, ShardLoader
 from apart_fast.step.guard import BufferGuard, finite_flag
-from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.optim import DeviceSGD, FusedSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -348,8 +348,11 @@ class Run:
         self.epochs = math.ceil(cfg.epochs / self.method.data_passes_divisor)
         steps = self.epochs * len(self.loader)
         params = list(self.model.parameters()) + self.method.extra_model_params()
-        opt_cls, sched_cls = (DeviceSGD, DeviceSchedule) if self.graphs else (torch.optim.SGD, CyclicSchedule)
-        self.optimizer = opt_cls(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # step/optim.py: PyTorch's fused SGD eagerly; flat state for the captured step, where the step sizes
+        # under legacy_model_decay stay the generator's (``shared``), copied in and out around each update.
+        opt_cls, sched_cls = (DeviceSGD, DeviceSchedule) if self.graphs else (FusedSGD, CyclicSchedule)
+        shared = {"shared": self.method.extra_model_params()} if self.graphs else {}
+        self.optimizer = opt_cls(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **shared)
         replays = self.method.data_passes_divisor
         self.schedule = sched_cls(self.optimizer, steps * replays, cfg.lr, (cfg.momentum, cfg.momentum_low))
         self.method.attach(self.optimizer, self.schedule, steps)

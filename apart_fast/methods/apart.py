@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from apart_fast import ops
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
-from apart_fast.step.guard import conditional_step, grads_of
-from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.guard import conditional_step, gather_grads
+from apart_fast.step.optim import FlatSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 if TYPE_CHECKING:
@@ -77,8 +77,9 @@ class Apart(Method):
         shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
         self.store = torch.randn(shape, generator=gen).mul_(a.omega_std).to(dev)  # in place: one copy on the CPU
-        self.gen_optimizer = torch.optim.SGD(
-            self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay
+        # Ascent (maximize) on the step sizes, flat: gather, update and keep-or-undo in a few kernels.
+        self.gen_optimizer: FlatSGD = FlatSGD(
+            self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay, maximize=True
         )
         self.gen_schedule: CyclicSchedule | DeviceSchedule | None = None
 
@@ -93,8 +94,7 @@ class Apart(Method):
         super().attach(optimizer, schedule, total_steps)
         m = (self.cfg.momentum, self.cfg.momentum_low)
         a = self.gen = self.cfg.apart.resolve(self.cfg.eps, total_steps)
-        if isinstance(schedule, DeviceSchedule):  # CUDA-graph step: lr and momentum as device tensors
-            self.gen_optimizer = DeviceSGD(self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay)
+        if isinstance(schedule, DeviceSchedule):  # CUDA-graph step: lr and momentum as device tensors (bound)
             self.gen_schedule = DeviceSchedule(self.gen_optimizer, total_steps, a.lr, m)
         else:
             self.gen_schedule = CyclicSchedule(self.gen_optimizer, total_steps, a.lr, m)
@@ -142,13 +142,14 @@ class Apart(Method):
         return loss2, logits, x1.grad, ratio
 
     def update_grads(self) -> list[Tensor]:
-        """The gradients pass 2 produced for the model and the step sizes, each once (zeros where none)."""
+        """The gradients pass 2 produced for the model and the step sizes, each once (zeros where none):
+        each optimizer's flat gradient tensor when it is a ``FlatSGD``."""
         for p in self.step_sizes():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         seen: set[int] = set()
         out = []
-        for g in [*grads_of(self.optimizer), *(p.grad for p in self.step_sizes())]:
+        for g in [*gather_grads(self.optimizer), *gather_grads(self.gen_optimizer)]:
             if id(g) not in seen:
                 seen.add(id(g))
                 out.append(g)
@@ -164,8 +165,8 @@ class Apart(Method):
         self._ascend(ok)
         self.update_model(ok)
         # Skipped: omega + (-0.0)*sign(0) == omega bit for bit (x + -0.0 == x for every x, -0.0 included).
-        g_safe = torch.where(ok, g_x1, torch.zeros_like(g_x1))
-        ratio_safe = torch.where(ok, ratio, torch.full_like(ratio, -0.0))
+        g_safe = torch.where(ok, g_x1, 0.0)
+        ratio_safe = torch.where(ok, ratio, -0.0)
         self._update_store(batch, g_safe, ratio_safe)
         return self.metrics(loss2, logits, batch.y)
 
@@ -185,7 +186,7 @@ class Apart(Method):
                          backend=be)
 
     def _ascend(self, ok: Tensor | None = None) -> None:
-        """Gradient ascent on the step sizes (their own SGD, L2 penalty as weight decay), then the hard clamp.
+        """Gradient ascent on the step sizes (their own SGD with ``maximize``, L2 penalty as weight decay), then the hard clamp.
 
         The L2 penalty keeps ``|a|`` near ``|dL2/da| / weight_decay`` (see ApartConfig); the clamp to
         ``max_step`` is the last resort. With ``ok`` False (a non-finite step) the update is undone.
@@ -193,7 +194,7 @@ class Apart(Method):
         for p in self.step_sizes():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.neg_()  # already unscaled (fp16) and averaged across ranks by ``finish_backward``
+        # The gradients are already unscaled (fp16) and averaged across ranks by ``finish_backward``.
         if ok is None:
             self.gen_optimizer.step()
         else:
@@ -201,8 +202,7 @@ class Apart(Method):
         self.gen_schedule.step()
         bound = self.cfg.apart.max_step
         with torch.no_grad():
-            for p in self.step_sizes():
-                p.clamp_(-bound, bound)
+            self.gen_optimizer.flat_params.clamp_(-bound, bound)  # every step size is a view of it
         for p in self.step_sizes():
             # legacy_model_decay: the model's SGD then sees zero gradients (PyTorch 1.3's zero_grad);
             # otherwise None, so it skips them.

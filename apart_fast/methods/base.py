@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from apart_fast.config import Config
 from apart_fast.step.amp import FP32, Precision
 from apart_fast.step.distributed import LOCAL, Comm
-from apart_fast.step.guard import conditional_step, grads_of
+from apart_fast.step.guard import conditional_step, gather_grads
 from apart_fast.step.schedule import CyclicSchedule
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class Method:
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.scaled(loss).backward()
-        self.step_ok = self.finish_backward(loss, grads_of(self.optimizer))
+        self.step_ok = self.finish_backward(loss, gather_grads(self.optimizer))
         self.update_model(self.step_ok)
         return self.metrics(loss, logits, y)
 
@@ -114,8 +114,9 @@ class Method:
         BatchNorm running statistics while the loss stays finite, and such a step must be undone."""
         self.precision.unscale_(grads)
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        ok, loss_ok = self.comm.reduce_grads_and_flag(loss, grads, [*local, *buffers])
-        self.step_fault = ~ok & ~loss_ok if self.precision.scaler is not None else ~ok
+        scaled = self.precision.scaler is not None
+        ok, loss_ok = self.comm.reduce_grads_and_flag(loss, grads, [*local, *buffers], loss_flag=scaled)
+        self.step_fault = ~ok & ~loss_ok if scaled and loss_ok is not None else ~ok
         return ok
 
     @staticmethod

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from apart_fast import ops
 from apart_fast.methods.base import Method
-from apart_fast.step.guard import grads_of
+from apart_fast.step.guard import gather_grads
 
 if TYPE_CHECKING:
     from apart_fast.data import Batch
@@ -51,7 +51,7 @@ class Free(Method):
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.scaled(loss).backward()
             # The same backward yields the input gradient for the next perturbation (its sign only).
-            ok = self.finish_backward(loss, grads_of(self.optimizer), [x_adv.grad])
+            ok = self.finish_backward(loss, gather_grads(self.optimizer), [x_adv.grad])
             faults = faults | self.step_fault
             delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
             self.delta = torch.where(ok, delta, self._delta_for(x))  # a faulty replay keeps the old perturbation

@@ -111,17 +111,18 @@ class Comm:
 
     # -- collectives used by every step (no host sync) ------------------------------------------
 
-    def reduce_grads_and_flag(self, loss: Tensor, grads: Sequence[Tensor],
-                              local: Sequence[Tensor | None] = ()) -> tuple[Tensor, Tensor]:
+    def reduce_grads_and_flag(self, loss: Tensor, grads: Sequence[Tensor], local: Sequence[Tensor | None] = (),
+                              loss_flag: bool = True) -> tuple[Tensor, Tensor | None]:
         """Average ``grads`` across ranks in place; return (keep flag, loss finite on every rank), both
         0-dim bool tensors with the same value on every rank.
 
         The keep flag is True where the loss, the averaged gradients and the rank-local tensors
-        ``local`` (e.g. dL2/dx1) are finite on every rank. One process: ``finite_flag(loss, grads + local)``.
+        ``local`` (e.g. dL2/dx1) are finite on every rank. One process: ``finite_flag(loss, grads + local)``,
+        and the loss flag only with ``loss_flag`` (None otherwise: it costs a few kernels per step).
         """
         grads = list(grads)
         if not self.distributed:
-            return finite_flag(loss, [*grads, *local]), torch.isfinite(loss.detach())
+            return finite_flag(loss, [*grads, *local]), torch.isfinite(loss.detach()) if loss_flag else None
         loss_bad = ~torch.isfinite(loss.detach())
         local_bad = ~finite_flag(loss, local)
         counts = torch.stack([local_bad, loss_bad]).float().to(loss.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from apart_fast.step.optim import DeviceSGD
+from apart_fast.step.optim import FlatSGD
 
 
 class CyclicSchedule:
@@ -46,9 +46,9 @@ class CyclicSchedule:
 
 
 class DeviceSchedule:
-    """``CyclicSchedule`` with its counter, lr and momentum on the device (capturable); binds them to a ``DeviceSGD``."""
+    """``CyclicSchedule`` with its counter, lr and momentum on the device (capturable); binds them to a ``FlatSGD`` (``DeviceSGD``)."""
 
-    def __init__(self, optimizer: DeviceSGD, total: int, peak: float, momentum: tuple[float, float]) -> None:
+    def __init__(self, optimizer: FlatSGD, total: int, peak: float, momentum: tuple[float, float]) -> None:
         dev = next(p.device for g in optimizer.param_groups for p in g["params"])
         self.optimizer, self.total, self.peak = optimizer, max(int(total), 1), float(peak)
         self.m_high, self.m_low = (float(m) for m in momentum)

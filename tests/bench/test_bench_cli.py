@@ -51,6 +51,7 @@ def test_cost_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert by["clean"]["steps_per_epoch"] == 64 // 16
     md = (out / "cost.md").read_text()
     assert "| APART | 2 |" in md and "x PGD (step)" in md
+    assert by["apart"]["launches_per_step"] > by["clean"]["launches_per_step"] > 0 and "| launches |" in md
     assert (out / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| clean |" in capsys.readouterr().out
 
