@@ -21,11 +21,17 @@ from apart_fast.engine.loop import Run
 STEP_PRIMITIVES = "step/"  # apart_fast/step/: guard.py, optim.py, schedule.py, amp.py, distributed.py
 
 
-def measure(method: str, width: int, batch: int) -> dict:
-    """Launch counts of one eager CPU step of ``method`` (PreAct-18, ``width``, ``batch``)."""
-    opts = CostOptions(methods=[method], width=width, batch_size=batch, image_size=32, synthetic_n=4 * batch, progress=False)
+def measure(method: str, width: int, batch: int, graphs: bool = False) -> dict:
+    """Launch counts of one eager CPU step of ``method`` (PreAct-18, ``width``, ``batch``); ``graphs``: the
+    capturable step's code (DeviceSGD, DeviceSchedule, keep-or-undo by torch.where as on a GPU), run eagerly."""
+    opts = CostOptions(methods=[method], width=width, batch_size=batch, image_size=32, synthetic_n=4 * batch, progress=False,
+                       cuda_graphs=graphs or None)
     cfg = method_config(opts, method, epochs=4)
     run = Run(cfg, data=load_bench_data(opts))
+    if graphs:  # the accelerator's sync-free keep-or-undo, on the CPU
+        for guard in (run.buffers, run.optimizer, getattr(run.method, "gen_optimizer", None)):
+            if guard is not None:
+                guard.sync_free = True
     batches = iter(run.loader)
     run.model.train()
     for _ in range(2):
@@ -39,11 +45,13 @@ def main() -> None:
     ap.add_argument("--methods", default="clean,apart")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--graphs", action="store_true", help="the capturable step's code path (as on a GPU), run eagerly")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"PreAct-18 width {args.width}, batch {args.batch_size}, 32x32, CPU eager, torch {torch.__version__}")
+    path = "capturable (DeviceSGD, DeviceSchedule, torch.where)" if args.graphs else "eager (FusedSGD, CyclicSchedule)"
+    print(f"PreAct-18 width {args.width}, batch {args.batch_size}, 32x32, CPU, {path}, torch {torch.__version__}")
     for m in args.methods.split(","):
-        res = measure(m, args.width, args.batch_size)
+        res = measure(m, args.width, args.batch_size, args.graphs)
         prim = {k: v for k, v in res["by_source"].items() if k.startswith(STEP_PRIMITIVES)}
         print(f"\n{m}: {res['total']} launches per step ({res['kind']}); step primitives: {sum(prim.values())}")
         for src, n in res["by_source"].items():

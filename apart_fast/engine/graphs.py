@@ -4,17 +4,18 @@ both optimizer steps and the learning-rate schedules, replayed with no host sync
 What a captured step needs, and where it comes from:
 
 - lr and momentum as device tensors updated *inside* the step (``step.schedule``, ``step.optim``):
-  ``DeviceSchedule`` keeps the step counter on the device and recomputes both from it (same float64 formula as ``CyclicSchedule``),
-  and ``DeviceSGD`` (torch.optim.SGD's update, written with foreach ops that take 0-dim tensor
-  scalars) reads them. torch's own SGD takes the lr as a Python number (``alpha=-lr``) and the
-  momentum always as one, so its values would be frozen into the graph at capture.
+  ``DeviceSchedule`` keeps the step counter on the device and recomputes both from it (same float64
+  formula as ``CyclicSchedule``), and ``DeviceSGD`` (SGD over flat parameter and momentum tensors,
+  with 0-dim tensor scalars) reads them. torch's own SGD, fused included, takes the momentum as a
+  Python number, so its value would be frozen into the graph at capture.
 - static inputs: ``GraphStep`` copies each batch into fixed buffers (the loader drops the ragged
   last batch, so the shape never changes), runs ``warmup`` eager steps on a side stream (optimizer
   state and autograd buffers get allocated, cuDNN picks its algorithms), captures one step, then
   replays it; its outputs are static tensors the loop reads like eager ones.
 - the rest of the step is already sync-free: the fault flag decides on the device
-  (``step.guard.conditional_step``), the fp16 loss scale lives on the device (``step.amp.LossScaler``), the
-  ops never call ``.item()``; metrics are made with fill kernels, not host-to-device copies.
+  (``step.guard.conditional_step``: ``torch.where`` over the flat tensors), the fp16 loss scale lives on
+  the device (``step.amp.LossScaler``), the ops never call ``.item()``; metrics are made with fill
+  kernels, not host-to-device copies.
 Eager and captured steps run the same code, so ``--no-cuda-graphs`` with ``DeviceSGD`` gives the
 same numbers (``tests/engine/test_graphs.py`` checks it on a GPU).
 """

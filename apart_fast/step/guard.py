@@ -101,6 +101,7 @@ class BufferGuard:
                 b.data = v
             self.flats.append(flat)
         self.saved: list[Tensor] = []
+        self.sync_free = any(f.device.type != "cpu" for f in self.flats)  # restore with torch.where, never reading ok
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -111,8 +112,10 @@ class BufferGuard:
     def restore_unless(self, ok: Tensor) -> None:
         """Put the snapshot back where ``ok`` is False: with ``torch.where`` on an accelerator (no sync), by a
         copy when needed on the CPU (where ``ok`` is already in host memory)."""
+        if not self.sync_free and bool(ok):
+            return
         for f, old in zip(self.flats, self.saved):
-            if f.device.type != "cpu":
+            if self.sync_free:
                 torch.where(ok, f, old, out=f)
-            elif not bool(ok):
+            else:
                 f.copy_(old)

@@ -46,32 +46,38 @@ class CyclicSchedule:
 
 
 class DeviceSchedule:
-    """``CyclicSchedule`` with its counter, lr and momentum on the device (capturable); binds them to a ``FlatSGD`` (``DeviceSGD``)."""
+    """``CyclicSchedule`` with its counter, lr and momentum on the device (capturable); binds them to a
+    ``FlatSGD`` (``DeviceSGD``). Every step's (lr, momentum) is worked out once, in Python floats as
+    ``CyclicSchedule`` does, into a (total + 1) x 2 table; a step is then three tiny kernels (count,
+    clamp past the end, where the lr is 0 as in ``CyclicSchedule``, and one row lookup)."""
 
     def __init__(self, optimizer: FlatSGD, total: int, peak: float, momentum: tuple[float, float]) -> None:
         dev = next(p.device for g in optimizer.param_groups for p in g["params"])
         self.optimizer, self.total, self.peak = optimizer, max(int(total), 1), float(peak)
         self.m_high, self.m_low = (float(m) for m in momentum)
-        self.t = torch.zeros((), dtype=torch.float64, device=dev)
-        self.lr = torch.zeros((), dtype=torch.float32, device=dev)
-        self.momentum = torch.zeros((), dtype=torch.float32, device=dev)
+        half = self.total / 2
+        rows = []
+        for t in range(self.total + 1):
+            f = max(0.0, 1.0 - abs(t - half) / half)
+            rows.append((self.peak * f, self.m_high - (self.m_high - self.m_low) * f))
+        self.table = torch.tensor(rows, dtype=torch.float32).to(dev)
+        self.t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.row = torch.zeros(1, 2, dtype=torch.float32, device=dev)
+        self.lr, self.momentum = self.row[0, 0], self.row[0, 1]  # 0-dim views the optimizer reads
         optimizer.bind(self.lr, self.momentum)
         self._apply()
 
     def _apply(self) -> None:
-        half = self.total / 2
-        f = torch.clamp(1.0 - (self.t - half).abs() / half, min=0.0)  # float64, as CyclicSchedule's Python floats
-        self.lr.copy_(self.peak * f)
-        self.momentum.copy_(self.m_high - (self.m_high - self.m_low) * f)
+        torch.index_select(self.table, 0, self.t.clamp(max=self.total), out=self.row)
 
     def step(self) -> None:
-        """Advance one iteration on the device and recompute lr and momentum in place."""
-        self.t.add_(1.0)
+        """Advance one iteration on the device and look up lr and momentum in place."""
+        self.t.add_(1)
         self._apply()
 
     def state_dict(self) -> dict:
         return {"t": int(self.t.item())}  # one sync, at checkpoints only
 
     def load_state_dict(self, state: dict) -> None:
-        self.t.fill_(float(state["t"]))
+        self.t.fill_(int(state["t"]))
         self._apply()
