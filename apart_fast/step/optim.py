@@ -2,16 +2,16 @@
 host sync: ``FusedSGD`` (PyTorch's fused SGD, skipping on its ``found_inf``) for eager steps, and
 ``FlatSGD``/``DeviceSGD`` over flat state for the CUDA-graph step and APART's step sizes.
 
-Measured (``benchmarks/step_launches.py``, README): on the CPU the fused update takes about half the
+Measured (``benchmarks/sgd_update.py``, README): on the CPU the fused update takes about half the
 time of the flat one (which first gathers the gradients with a ``cat``); but its momentum is a
 Python number, which a CUDA-graph capture would freeze, so the captured step keeps ``DeviceSGD``.
 
 ``FlatSGD`` is torch.optim.SGD (momentum, weight decay, ``maximize``; no dampening/nesterov) whose
 params become views of ``flat_params`` and whose ``momentum_buffer`` states are views of
 ``flat_momentum``; ``state_dict``/``load_state_dict`` keep torch's format, so checkpoints are
-interchangeable with torch.optim.SGD's. ``step_if(ok)`` computes the new values beside the old ones
-and keeps them where the 0-dim bool ``ok`` is true (``torch.where`` on the device): a skipped step
-leaves parameters and momentum bit-identical. lr and momentum are the param group's Python numbers
+interchangeable with torch.optim.SGD's. ``step_if(ok)`` keeps the update where the 0-dim bool ``ok``
+is true (``torch.where`` on an accelerator, no sync): a skipped step leaves parameters and momentum
+bit-identical. lr and momentum are the param group's Python numbers
 (``CyclicSchedule``) or, after ``bind``, 0-dim device tensors (``DeviceSchedule``), which a CUDA graph
 capture does not freeze.
 
@@ -78,8 +78,6 @@ class FlatSGD(torch.optim.SGD):
         self.params: list[Tensor] = list(self.param_groups[0]["params"])
         self.shared_ids = {id(p) for p in shared}
         self._flatten([torch.zeros_like(p) for p in self.params])
-        self.flat_grads: Tensor | None = None
-        self.grad_views: list[Tensor] = []  # the ``.grad`` of each parameter as a view of ``flat_grads``
         self.lr_t: Tensor | None = None
         self.momentum_t: Tensor | None = None
         self._missing = [False] * len(self.params)  # which parameters had no gradient at the last gather
@@ -99,7 +97,8 @@ class FlatSGD(torch.optim.SGD):
         self.flat_momentum, self.momentum_views = flatten_into(momentum, self.flat_params.dtype)
         for p, m in zip(self.params, self.momentum_views):
             self.state[p]["momentum_buffer"] = m
-        self.flat_grads, self.grad_views = None, []
+        self.flat_grads: Tensor | None = None
+        self.grad_views: list[Tensor] = []  # the ``.grad`` of each parameter as a view of ``flat_grads``
         # Persistent work space (gathered gradients, new momentum, new parameters): no allocation per step,
         # fixed addresses for a CUDA graph.
         self._grad_buf, self._m_new, self._p_new = (torch.empty_like(self.flat_params) for _ in range(3))
@@ -111,7 +110,6 @@ class FlatSGD(torch.optim.SGD):
         if any(p.data_ptr() != v.data_ptr() or p.dtype != v.dtype
                for p, v in zip(self.params, self.views) if id(p) not in self.shared_ids):
             self._flatten([m.to(p.dtype) for p, m in zip(self.params, self.momentum_views)])
-            self.flat_grads = None
 
     def bind(self, lr: Tensor, momentum: Tensor) -> None:
         """Use these 0-dim device tensors (updated in place by a ``DeviceSchedule``) as lr and momentum from now on."""
@@ -122,9 +120,9 @@ class FlatSGD(torch.optim.SGD):
         """Copy every ``.grad`` into ``flat_grads`` (one ``cat``; zeros where a gradient is None) and make each
         ``.grad`` a view of it, so that in-place changes (unscaling, the cross-rank average) reach the update."""
         self._follow_params()
-        if self.flat_grads is not None and all(p.grad is (None if absent else v)
-                                               for p, v, absent in zip(self.params, self.grad_views, self._missing)):
-            return [self.flat_grads]  # already gathered since the last backward
+        if self.grad_views and all(p.grad is (None if absent else v)
+                                   for p, v, absent in zip(self.params, self.grad_views, self._missing)):
+            return [self._grad_buf]  # gathered already (or accumulated into the views in place since)
         missing = [p.grad is None for p in self.params]
         parts = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None else flat_view(p.grad, p)
                  for p in self.params]
@@ -167,7 +165,6 @@ class FlatSGD(torch.optim.SGD):
         keep = self._keep_mask(ok)
         in_place = keep is None or (not self.sync_free and keep.dim() == 0)
         if in_place and keep is not None and not bool(keep):
-            self.flat_grads, self.grad_views = None, []
             return
         P, M, G = self.flat_params, self.flat_momentum, self.flat_grads
         for slot, p in self.shared:
@@ -191,7 +188,6 @@ class FlatSGD(torch.optim.SGD):
             torch.where(keep, m_new, M, out=M)
         for slot, p in self.shared:
             p.copy_(slot)
-        self.flat_grads, self.grad_views = None, []  # the next step gathers the next backward's gradients
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.SGD's ``state_dict`` (with ``maximize``, the momentum buffers un-negated: copies)."""

@@ -119,6 +119,23 @@ def test_layouts_shared_params_and_replaced_tensors():
         opt.step()
 
 
+def test_gradients_accumulated_in_place_into_the_flat_views():
+    """zero_grad(set_to_none=False): the next backward adds into the ``.grad`` views, which the step uses as they are."""
+    lin = nn.Linear(3, 2)
+    ref = nn.Linear(3, 2)
+    ref.load_state_dict(lin.state_dict())
+    opt, ref_opt = FlatSGD(lin.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        for m, o in ((lin, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=False)
+            m(x).square().sum().backward()
+            o.step()
+    for p, q in zip(lin.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert lin.weight.grad.data_ptr() == opt.flat_grads.data_ptr()
+
+
 def test_buffer_guard_restores_bit_exactly_and_checkpoints_as_before():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     guard = BufferGuard(model)
