@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from apart_fast.ops.dispatch import is_dense, same_layout
+
 # Elements per program of the elementwise kernels and warps per program (1024 fp32 = 8 per thread at 4 warps).
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -47,21 +49,6 @@ def rounds_bound(data: torch.Tensor, rounded: bool) -> bool:
     (CPU tensors run only under ``TRITON_INTERPRET=1``).
     """
     return rounded and data.device.type == "cpu"
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Whether ``t`` is non-overlapping and dense in some memory format (its elements fill ``numel`` slots)."""
-    expected = 1
-    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
-        if stride != expected:
-            return t.numel() == 0
-        expected *= size
-    return True
-
-
-def same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether ``t`` has ``like``'s shape and strides (strides of size-1 dimensions never matter)."""
-    return t.shape == like.shape and all(t.stride(d) == like.stride(d) for d in range(t.dim()) if t.size(d) != 1)
 
 
 def check_layout(op: str, **tensors: torch.Tensor | None) -> None:
