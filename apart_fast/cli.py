@@ -130,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="clean, PGD, CW-loss PGD and AutoAttack accuracy of a checkpoint; sanity checks; "
                                     "robustness curves")
     e.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by apart-fast train")
-    e.add_argument("--dataset", default="digits", choices=DATASETS)
+    e.add_argument("--dataset", choices=DATASETS,
+                   help="default: the dataset (and --data-dir) the checkpoint's run trained on; digits for other checkpoints")
     e.add_argument("--data-dir")
     e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
     e.add_argument("--attack", choices=ATTACKS, default="pgd",
                    help="pgd: PGD with --loss; cw: CW-loss PGD; autoattack: standard L-inf AutoAttack (needs "
                         "pip install 'apart_fast[eval]'); all: CE PGD, CW PGD and AutoAttack (default pgd)")
-    e.add_argument("--eps", type=float_or_fraction, default=8 / 255)
-    e.add_argument("--step", type=float_or_fraction, default=2 / 255)
+    e.add_argument("--eps", type=float_or_fraction,
+                   help="L-inf budget (default: the checkpoint's run's --eval-eps, else 8/255)")
+    e.add_argument("--step", type=float_or_fraction, help="PGD step (default: the run's --eval-step with its eps, else eps/4)")
     e.add_argument("--steps", type=integer, default=20)
     e.add_argument("--restarts", type=integer, default=1)
     e.add_argument("--loss", choices=("ce", "cw", "both"), default="both", help="PGD's loss for --attack pgd")

@@ -132,7 +132,7 @@ class Config:
     momentum_low: float = 0.8
     weight_decay: float = 2e-4
     pgd_steps: int = 10  # PGD-k training
-    pgd_step: float = 2 / 255
+    pgd_step: float | None = None  # PGD-k training's step; None: eps/4 (2/255 at eps 8/255), so k >= 4 steps reach the boundary
     fgsm_step: float | None = None  # None: eps for fgsm, 1.25*eps for fgsm_rs and gradalign
     nfgsm_k: float = 2.0  # N-FGSM's noise: U(-k*eps, k*eps) (de Jorge et al. 2022 use k = 2)
     nfgsm_step: float | None = None  # N-FGSM's sign step; None: eps (the paper's), no projection back to the eps-ball
@@ -146,8 +146,8 @@ class Config:
     pad_value: float = 0.5  # fill of constant padding (the APART script uses 0.5)
     flip: bool | None = None  # None: the dataset's default
     normalize: bool = False  # per-channel normalisation inside the model (the APART script uses none)
-    eval_eps: float = 8 / 255
-    eval_step: float = 2 / 255
+    eval_eps: float | None = None  # evaluation L-inf budget (validation and final PGD); None: the training --eps
+    eval_step: float | None = None  # evaluation PGD step; None: eval eps / 4 (2/255 at 8/255)
     eval_steps: int = 10  # PGD-k on the validation slice after each epoch (selects model_best.pt)
     eval_every: int = 1  # epochs between validation evaluations
     eval_n: int = 512  # validation slice: up to this many training-split images (at most a tenth), not trained on; 0: none
@@ -189,13 +189,14 @@ class Config:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        for name in ("eps", "eval_eps"):
-            check_budget(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_budget("--eps", self.eps)
+        if self.eval_eps is not None:
+            check_budget("--eval-eps", self.eval_eps)
         for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults", "final_eval_restarts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is negative; pass a value >= 0")
         for name in ("pgd_steps", "eval_steps", "final_eval_steps", "eval_n"):
             if getattr(self, name) < 0:
@@ -241,6 +242,13 @@ class Config:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         return self
+
+    def resolved(self) -> Config:
+        """A copy with the attack settings left at None filled from ``eps``: ``pgd_step`` = eps/4,
+        ``eval_eps`` = eps, ``eval_step`` = eval_eps/4, so a run at another budget is trained and scored at it."""
+        eval_eps = self.eps if self.eval_eps is None else self.eval_eps
+        return dataclasses.replace(self, pgd_step=self.eps / 4 if self.pgd_step is None else self.pgd_step,
+                                   eval_eps=eval_eps, eval_step=eval_eps / 4 if self.eval_step is None else self.eval_step)
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field (JSON- and checkpoint-safe); ``from_dict`` inverts it."""

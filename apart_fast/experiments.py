@@ -24,11 +24,27 @@ def check_ranges(*flags: tuple[str, int | None, int]) -> None:
                               (" (or leave --n out for the whole test split)" if flag == "--n" else ""))
 
 
-def load_for_eval(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
+def attack_budget(eps: float | None, step: float | None, meta: dict[str, Any]) -> tuple[float, float]:
+    """The attack's eps and step: as given, else the checkpoint's run's evaluation settings (``meta["run_eval"]``,
+    so a model trained at --eps 0.1 is scored at 0.1), else 8/255; the step defaults to eps/4. Records the source."""
+    run = meta.pop("run_eval", None) or {}
+    source = "--eps"
+    if eps is None:
+        eps, source = (run["eps"], "the training run's --eval-eps") if run.get("eps") is not None else (8 / 255, "default 8/255")
+        step = run.get("step") if step is None and run.get("eps") is not None else step
+    step = eps / 4 if step is None else step
+    meta["eps_source"] = source
+    return float(eps), float(step)
+
+
+def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None = None, model: str | None = None,
                   n: int | None = None, device: str = "auto", seed: int = 0,
                   backend: str = "auto") -> tuple[torch.nn.Module, Tensor, Tensor, dict[str, Any]]:
     """The checkpoint's model on ``device`` and the test split (a seeded random ``n``-point subset when ``n`` is
-    smaller: test splits are often class-sorted), with a description of both for the report."""
+    smaller: test splits are often class-sorted), with a description of both for the report.
+
+    ``dataset`` None: the one the checkpoint's run trained on (with its ``data_dir`` unless one is given), else
+    digits. The report's ``run_eval`` holds the run's evaluation eps and step (None for other checkpoints)."""
     from apart_fast import model_from_payload
     from apart_fast.engine import checkpoint
     from apart_fast.engine.loop import check_backend, resolve_device
@@ -38,6 +54,10 @@ def load_for_eval(path: str, *, dataset: str, data_dir: str | None = None, model
     check_backend(backend, dev)
     payload = checkpoint.load(path, map_location="cpu")
     net = model_from_payload(payload, path)
+    run = payload.get("config") or {}
+    if dataset is None:
+        dataset = run.get("dataset", "digits")
+        data_dir = run.get("data_dir") if data_dir is None else data_dir
     trained_on = payload.get("data")  # the training data's fingerprint (checkpoints since its addition)
     name = net.config["name"]
     if model is not None and model != name:
@@ -61,7 +81,8 @@ def load_for_eval(path: str, *, dataset: str, data_dir: str | None = None, model
         x, y = x[idx], y[idx]
         points = f"seeded random subset (seed {seed})"
     meta = {"checkpoint": path, "model": name, "width": kw.get("width"), "dataset": dataset, "n": int(x.shape[0]),
-            "test_points": points, "device": str(dev)}
+            "test_points": points, "device": str(dev),
+            "run_eval": {"eps": run.get("eval_eps"), "step": run.get("eval_step")}}
     return net.to(dev), x, y, meta
 
 
@@ -70,8 +91,8 @@ def standard_error(acc: float, n: int) -> float:
     return (acc * (1.0 - acc) / n) ** 0.5 if n > 0 else float("nan")
 
 
-def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None, model: str | None = None,
-                        eps: float = 8 / 255, step: float = 2 / 255, steps: int = 20, restarts: int = 1,
+def evaluate_checkpoint(path: str, *, dataset: str | None = None, data_dir: str | None = None, model: str | None = None,
+                        eps: float | None = None, step: float | None = None, steps: int = 20, restarts: int = 1,
                         loss: str = "both", attack: str = "pgd", n: int | None = None, batch_size: int | None = None,
                         device: str = "auto", seed: int = 0, backend: str = "auto", aa_steps: int = 100,
                         square_queries: int = 5000, progress: bool = True) -> dict[str, Any]:
@@ -79,12 +100,14 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
 
     ``attack``: ``pgd`` (PGD with ``loss``: ce, cw or both), ``cw`` (CW-loss PGD), ``autoattack`` (standard
     L-inf AutoAttack, needs the ``[eval]`` extra) or ``all`` (CE PGD, CW PGD and AutoAttack). Each accuracy
-    comes with its standard error and the attack's exact settings.
+    comes with its standard error and the attack's exact settings. ``dataset``, ``eps``, ``step`` None: the
+    checkpoint's run's (``load_for_eval``, ``attack_budget``).
     """
     from apart_fast.attacks import evaluate, evaluate_autoattack
     from apart_fast.attacks.autoattack import _torchattacks
 
-    check_budget("--eps", eps)
+    if eps is not None:
+        check_budget("--eps", eps)
     check_ranges(("--steps", steps, 0), ("--restarts", restarts, 1), ("--batch-size", batch_size, 1),
                  ("--aa-steps", aa_steps, 1), ("--square-queries", square_queries, 1))
     if attack not in ATTACKS:
@@ -93,6 +116,7 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
         _torchattacks()  # the install hint before any data is loaded
     net, x, y, res = load_for_eval(path, dataset=dataset, data_dir=data_dir, model=model, n=n, device=device,
                                    seed=seed, backend=backend)
+    eps, step = attack_budget(eps, step, res)
     res["eps"] = eps
     res["settings"] = {}
     losses = {"pgd": ("ce", "cw") if loss == "both" else (loss,), "cw": ("cw",), "autoattack": (), "all": ("ce", "cw")}
@@ -119,7 +143,7 @@ def evaluate_checkpoint(path: str, *, dataset: str, data_dir: str | None = None,
 def format_eval(res: dict[str, Any]) -> str:
     """The evaluation as a small table: one row per accuracy with its standard error, then the settings."""
     head = (f"{res['model']} ({res['checkpoint']}) on {res['dataset']}: {res['n']} test points ({res['test_points']}), "
-            f"eps {res['eps'] * 255:.3g}/255, device {res['device']}")
+            f"eps {res['eps'] * 255:.3g}/255 ({res['eps_source']}), device {res['device']}")
     rows = [("clean", res["clean_acc"], res["clean_se"])]
     names = {"pgd_ce": "PGD (CE)", "pgd_cw": "PGD (CW)", "autoattack": "AutoAttack"}
     rows += [(names[k], res[f"{k}_acc"], res[f"{k}_se"]) for k in names if f"{k}_acc" in res]
@@ -129,9 +153,9 @@ def format_eval(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir: str | None = None,
+def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str | None = None, data_dir: str | None = None,
                 model: str | None = None, n: int | None = None, device: str = "auto", seed: int = 0,
-                eps: float = 8 / 255, step: float = 2 / 255, batch_size: int | None = None, backend: str = "auto",
+                eps: float | None = None, step: float | None = None, batch_size: int | None = None, backend: str = "auto",
                 aa_steps: int = 100, square_queries: int = 5000, out: str | None = None, command: str = "",
                 as_json: bool = False, progress: bool = True) -> int:
     """``eval --sanity`` and/or ``--curve`` on a checkpoint: print the checks; write the curve's JSON and PNG."""
@@ -141,12 +165,14 @@ def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir:
     from apart_fast.attacks.autoattack import _torchattacks
     from apart_fast.reproduce import device_name
 
-    check_budget("--eps", eps)
+    if eps is not None:
+        check_budget("--eps", eps)
     check_ranges(("--batch-size", batch_size, 1), ("--aa-steps", aa_steps, 1), ("--square-queries", square_queries, 1))
     if sanity:
         _torchattacks()
     net, x, y, meta = load_for_eval(path, dataset=dataset, data_dir=data_dir, model=model, n=n, device=device,
                                     seed=seed, backend=backend)
+    eps, step = attack_budget(eps, step, meta)
     report: dict[str, Any] = {**meta, "eps": eps, "command": command, "device_name": device_name(meta["device"])}
     if curve:
         folder = Path(out) if out is not None else Path(path).parent
@@ -154,7 +180,7 @@ def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str, data_dir:
         c = robustness_curve(net, x, y, eps, batch_size=batch_size or 256, seed=seed, backend=backend,
                              progress=progress)
         report["curve"] = c
-        title = (f"{meta['model']} (width {meta['width']}) on {dataset}, {meta['n']} test points: "
+        title = (f"{meta['model']} (width {meta['width']}) on {meta['dataset']}, {meta['n']} test points: "
                  f"PGD accuracy ({Path(path).name})")
         footer = f"device: {report['device_name']}  |  {command}"
         plot_curves({meta["model"]: c}, folder / "robustness_curve.png", title=title, footer=footer)

@@ -60,6 +60,7 @@ class Preset:
     aa_steps: int = 100  # AutoAttack's APGD/FAB iterations (100: the standard version)
     aa_square_queries: int = 5000  # AutoAttack's Square queries (5000: the standard version)
     eval_eps: float | None = None  # None: eps
+    pgd_step: float | None = None  # PGD-10 training's step; None: eps/4
     shortcut: str = "act"
     keep_last_batch: bool = False
     amp: str = "auto"
@@ -74,7 +75,7 @@ PRESETS: dict[str, Preset] = {
     # exactly the script's (schedule script, PyTorch 1.3's extra decay of the step sizes by the model's SGD).
     # Needs a GPU (~hours of CPU per epoch).
     "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 0.031, None, None, 1000, 10, 20, 60, METHODS,
-                    CIFAR_JPEG, needs_gpu=True, eval_eps=8 / 255, shortcut="raw", keep_last_batch=True, amp="none",
+                    CIFAR_JPEG, needs_gpu=True, eval_eps=8 / 255, pgd_step=2 / 255, shortcut="raw", keep_last_batch=True, amp="none",
                     apart_schedule="script", legacy_model_decay=True),
     # The reduced CPU setting (2 cores, < 1 hour for the paper's six methods on an idle VM; N-FGSM costs what FGSM-RS does and
     # GradAlign ~2.5-3x that, measured on a loaded VM): CIFAR-10 (JPEG), a random 4,000-image
@@ -180,7 +181,7 @@ def method_config(method: str, preset: Preset, *, epochs: int, width: int, n_tra
                   keep_last_batch=preset.keep_last_batch, eps=preset.eps, lr=preset.lr,
                   eval_eps=_pick(preset.eval_eps, preset.eps), eval_n=preset.eval_n, eval_steps=preset.eval_steps,
                   final_eval_steps=preset.final_eval_steps, amp=preset.amp, device=device, seed=seed, out=out,
-                  fgsm_step=fgsm_step, ema=ema, ema_warmup=ema_warmup, apart=apart)
+                  fgsm_step=fgsm_step, pgd_step=preset.pgd_step, ema=ema, ema_warmup=ema_warmup, apart=apart).resolved()
 
 
 def _evaluate(model: torch.nn.Module, cfg: Config, data: ImageData, loss: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def config(setting: str, rule: str, data_dir: str | None, out: str) -> Config:
     cfg.eval_n, cfg.out = 0, out
     n_train = 1438 if setting == "digits" else 2560  # no validation slice: the whole (sub)split is trained on
     cfg.method, cfg.apart = candidates(cfg.eps, cfg.epochs * (n_train // cfg.batch_size))[rule]
-    return cfg
+    return cfg.resolved()
 
 
 def main() -> None:

@@ -20,3 +20,21 @@ def test_eval_subset_is_seeded_random_with_standard_errors(tmp_path):
     p = a["pgd_ce_acc"]
     assert math.isclose(a["pgd_ce_se"], math.sqrt(p * (1 - p) / 100))
     assert evaluate_checkpoint(str(tmp_path / "model.pt"), **kw)["test_points"] == "all"
+
+
+def test_attack_budget_follows_the_training_eps(tmp_path):
+    """A run at --eps 0.1 trains PGD at step eps/4 and is scored at 0.1 (not 8/255), in training and by eval."""
+    cfg = Config(eps=0.1).resolved()
+    assert (cfg.pgd_step, cfg.eval_eps, cfg.eval_step) == (0.025, 0.1, 0.025)
+    assert Config(eps=0.1, eval_eps=0.05).resolved().eval_step == 0.0125
+    kept = Config(eps=0.1, pgd_step=0.01, eval_eps=0.05, eval_step=0.02).resolved()
+    assert (kept.pgd_step, kept.eval_eps, kept.eval_step) == (0.01, 0.05, 0.02)
+    res = train(Config(method="clean", dataset="synthetic", model="smallcnn", width=4, epochs=1, eps=0.1, eval_n=0,
+                       final_eval_steps=1, device="cpu", out=str(tmp_path)), progress=False)
+    assert res["eval"].endswith("eps 0.1")
+    ev = evaluate_checkpoint(str(tmp_path / "model.pt"), steps=1, loss="ce", device="cpu")
+    assert (ev["dataset"], ev["eps"], ev["eps_source"]) == ("synthetic", 0.1, "the training run's --eval-eps")
+    assert ev["settings"]["pgd_ce"]["step"] == 0.025
+    given = evaluate_checkpoint(str(tmp_path / "model.pt"), dataset="synthetic", eps=8 / 255, steps=1, loss="ce",
+                                device="cpu")
+    assert (given["eps_source"], given["settings"]["pgd_ce"]["step"]) == ("--eps", 2 / 255)

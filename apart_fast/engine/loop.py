@@ -275,7 +275,7 @@ class Run:
 
     def __init__(self, cfg: Config, data: ImageData | None = None, model: nn.Module | None = None,
                  comm: Comm | None = None, device: str | None = None) -> None:
-        cfg.validate()
+        cfg = cfg.validate().resolved()
         self.cfg = cfg
         self.comm = comm if comm is not None else LOCAL
         self.device = resolve_device(device if device is not None else cfg.device)
