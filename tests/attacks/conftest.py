@@ -49,3 +49,9 @@ def fgsm_rs_model() -> nn.Module:
 def clean_model() -> nn.Module:
     """Clean training on digits, 10 epochs: accurate, not robust."""
     return _train("clean", 10)
+
+
+@pytest.fixture(scope="session")
+def apart_model() -> nn.Module:
+    """APART on digits as in the demo (15 epochs, every APART setting at its default)."""
+    return _train("apart", 15)

@@ -16,8 +16,9 @@ torchattacks = pytest.importorskip("torchattacks", reason="AutoAttack needs the 
 EPS = 0.1  # the digits demo's budget, as in conftest.py
 
 
-def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(fgsm_rs_model, digits_points):
-    model, (x, y) = fgsm_rs_model, digits_points
+@pytest.mark.parametrize("which", ["fgsm_rs_model", "apart_model"])
+def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(which, request, digits_points):
+    model, (x, y) = request.getfixturevalue(which), digits_points
     direct = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
     with torch.no_grad():
         direct_acc = int((model(direct(x, y)).argmax(1) == y).sum()) / len(y)
