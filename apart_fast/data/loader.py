@@ -42,10 +42,12 @@ def augment_batch(
     pad: int,
     pad_mode: str = "constant",
     pad_value: float = 0.5,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Apply per-example crop windows (dy, dx) of the padded frame and flips to a float batch (B,C,H,W).
 
-    Done with one F.pad and one advanced-indexing gather, so it runs on any device without Python loops.
+    Done with one F.pad and one advanced-indexing gather, so it runs on any device without Python loops;
+    ``channels_last``: the gather writes (B,H,W,C) order, so the result is channels_last with no extra copy.
     """
     b, c, h, w = x.shape
     dev = x.device
@@ -64,6 +66,9 @@ def augment_batch(
     rows = crop[:, 0:1] + ar_h[None, :]  # (B,H)
     cols = torch.where(flip[:, None], crop[:, 1:2] + (w - 1 - ar_w)[None, :], crop[:, 1:2] + ar_w[None, :])  # (B,W)
     bi = torch.arange(b, device=dev)[:, None, None, None]
+    if channels_last:  # index (B,H,W,C) and view it back as (B,C,H,W): channels_last strides
+        ci = torch.arange(c, device=dev)[None, None, None, :]
+        return frame[bi, ci, rows[:, :, None, None], cols[:, None, :, None]].permute(0, 3, 1, 2)
     ci = torch.arange(c, device=dev)[None, :, None, None]
     return frame[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
@@ -104,6 +109,7 @@ class DeviceLoader:
         flip: bool = True,
         ragged: str = "keep",
         seed: int = 0,
+        channels_last: bool = False,
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise DataError(
@@ -142,6 +148,7 @@ class DeviceLoader:
         self.pad_value = float(pad_value)
         self.ragged = ragged
         self.seed = seed
+        self.channels_last = bool(channels_last)  # batches in the model's memory format (no conversion in the step)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
 
@@ -196,10 +203,13 @@ class DeviceLoader:
             idx = order[sl]
             xb = decode_uint8(self.x[idx])
             cb, fb = crop[sl], flip[sl]
+            cl = self.channels_last
             if self.random_crop:
-                xb = augment_batch(xb, cb, fb, self.pad, self.pad_mode, self.pad_value)
+                xb = augment_batch(xb, cb, fb, self.pad, self.pad_mode, self.pad_value, channels_last=cl)
             elif self.random_flip:  # centre crop of the padded frame is the image itself: skip the padding
-                xb = augment_batch(xb, torch.zeros_like(cb), fb, 0)
+                xb = augment_batch(xb, torch.zeros_like(cb), fb, 0, channels_last=cl)
+            elif cl:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             yield Batch(x=xb, y=self.y[idx], index=idx, crop=cb, flip=fb, valid=valid[sl])
 
 

@@ -314,10 +314,12 @@ class Run:
         self.model = model.to(self.device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms once
-        if cfg.channels_last if cfg.channels_last is not None else cuda:
+        channels_last = bool(cfg.channels_last if cfg.channels_last is not None else cuda)
+        if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
-        lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed)
+        lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed,
+                   channels_last=channels_last)
         if cfg.keep_last_batch:  # the APART script's loader: the last partial batch is a step too
             if self.comm.distributed:
                 raise ConfigError("--keep-last-batch needs one process (ranks train on equal slices); drop it under torchrun")
@@ -326,7 +328,7 @@ class Run:
             self.loader = ShardLoader(self.train_x, self.train_y, cfg.batch_size, ragged="drop", rank=self.comm.rank,
                                       world=self.comm.world, **lkw)
         h, w = d.image_size
-        info = DataInfo(n_train=n_train, channels=d.channels, height=h, width=w, pad=pad)
+        info = DataInfo(n_train=n_train, channels=d.channels, height=h, width=w, pad=pad, channels_last=channels_last)
         self.method: Method = build_method(cfg.method, self.model, cfg, info, self.device)
         # CUDA graphs (graphs.py): one process, a method whose step is capturable; --cuda-graphs on a
         # CPU runs the same static-buffer step eagerly (its optimizer and schedule use device tensors).

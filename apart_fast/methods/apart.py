@@ -76,7 +76,10 @@ class Apart(Method):
         info = self.info
         shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        self.store = torch.randn(shape, generator=gen).mul_(a.omega_std).to(dev)  # in place: one copy on the CPU
+        store = torch.randn(shape, generator=gen).mul_(a.omega_std)  # in place: one copy on the CPU
+        if info.channels_last:  # the batches' format, so omega_gather's windows need no conversion in the step
+            store = store.contiguous(memory_format=torch.channels_last)
+        self.store = store.to(dev)
         # Ascent (maximize) on the step sizes, flat: gather, update and keep-or-undo in a few kernels.
         self.gen_optimizer: FlatSGD = FlatSGD(
             self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay, maximize=True

@@ -28,6 +28,7 @@ class DataInfo:
     height: int
     width: int
     pad: int
+    channels_last: bool = False  # batches (and per-example stores) in channels_last memory format, as the model
 
 
 class Method:

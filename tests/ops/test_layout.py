@@ -8,6 +8,8 @@ copied (once). The last test runs a channels_last APART step and reads the profi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from ops_testutil import assert_exact, rand, randn
@@ -135,14 +137,36 @@ def _apart_step(backend: str):
     cfg = Config(method="apart", eps=EPS, batch_size=8, backend=backend,
                  apart=ApartConfig(a_init=0.01, a_in=0.01, a_layer=0.01, lr=1e-3))
     model = build_model("preact18", num_classes=10, in_channels=3, width=8).to(memory_format=torch.channels_last)
-    method = build_method("apart", model, cfg, DataInfo(n_train=16, channels=3, height=8, width=8, pad=2),
-                          torch.device("cpu"))
-    method.store = _cl(method.store)  # the store in the model's memory format: omega_gather returns channels_last
+    info = DataInfo(n_train=16, channels=3, height=8, width=8, pad=2, channels_last=True)
+    method = build_method("apart", model, cfg, info, torch.device("cpu"))
+    assert _is_cl(method.store)  # the store in the batches' format: omega_gather returns channels_last windows
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     method.attach(opt, CyclicSchedule(opt, 10, 0.1, (0.9, 0.8)), 10)
-    batch = next(iter(DeviceLoader(x, y, 8, pad=2, ragged="drop", seed=0)))
-    batch.x = _cl(batch.x)
+    batch = next(iter(DeviceLoader(x, y, 8, pad=2, ragged="drop", seed=0, channels_last=True)))
+    assert _is_cl(batch.x)
     return method, batch
+
+
+@pytest.mark.parametrize("crop,flip", [(True, True), (False, True), (False, False)])
+def test_channels_last_loader_gives_nchw_values(crop: bool, flip: bool) -> None:
+    """The loader's channels_last batches hold exactly the NCHW loader's images, augmentation records alike."""
+    x = torch.randint(0, 256, (12, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = torch.arange(12) % 10
+    kw = dict(pad=2, crop=crop, flip=flip, ragged="drop", seed=3)
+    for a, b in zip(DeviceLoader(x, y, 4, **kw), DeviceLoader(x, y, 4, channels_last=True, **kw)):
+        assert _is_cl(b.x) and not _is_cl(a.x)
+        assert torch.equal(a.x, b.x) and torch.equal(a.index, b.index) and torch.equal(a.crop, b.crop)
+
+
+def test_engine_hands_channels_last_batches_and_store_to_the_method() -> None:
+    """--channels-last: the engine's loader and APART's store use the model's format, so the step converts nothing."""
+    from apart_fast.engine.loop import Run
+
+    cfg = Config(method="apart", dataset="synthetic", model="preact18", width=8, epochs=1, batch_size=16, eval_n=0,
+                 final_eval_steps=0, device="cpu", channels_last=True)
+    run = Run(cfg)
+    assert _is_cl(next(iter(run.loader)).x) and _is_cl(run.method.store)
+    assert not _is_cl(next(iter(Run(dataclasses.replace(cfg, channels_last=False)).loader)).x)
 
 
 def test_channels_last_apart_step_copies_no_activation_inside_the_ops(fused: str, monkeypatch) -> None:
