@@ -85,6 +85,9 @@ def test_train_evaluates_and_saves_the_average(tmp_path):
     assert ev["clean_acc"] == saved["ema_test_clean_acc"] and ev["robust_acc"] == saved["ema_test_robust_acc"]
     off = train(tiny("fgsm_rs", tmp_path / "off", ema=None), progress=False)
     assert "ema_test_robust_acc" not in off and not (tmp_path / "off" / "model_ema.pt").exists()
+    for k, v in off["model"].state_dict().items():  # the average leaves training as it is: the same last model
+        assert torch.equal(v, res["model"].state_dict()[k]), k
+    assert (off["test_clean_acc"], off["test_robust_acc"]) == (res["test_clean_acc"], res["test_robust_acc"])
 
 
 def test_resume_restores_the_average_exactly(tmp_path, monkeypatch):
