@@ -78,7 +78,7 @@ PRESETS: dict[str, Preset] = {
                     CIFAR_JPEG, needs_gpu=True, eval_eps=8 / 255, pgd_step=2 / 255, shortcut="raw", keep_last_batch=True, amp="none",
                     apart_schedule="script", legacy_model_decay=True),
     # The reduced CPU setting (2 cores, < 1 hour for the paper's six methods on an idle VM; N-FGSM costs what FGSM-RS does and
-    # GradAlign ~2.5-3x that, measured on a loaded VM): CIFAR-10 (JPEG), a random 4,000-image
+    # GradAlign ~3.2x that, README): CIFAR-10 (JPEG), a random 4,000-image
     # training subset, PreAct ResNet-18 of width 8 (1/64 of the paper's FLOPs), 8 epochs of batch 128
     # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 validation images (training split,
     # held out of training: 3,744 are trained on); final PGD-20
