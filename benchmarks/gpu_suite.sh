@@ -10,7 +10,7 @@
 #      $OUT then holds summary.md, summary.json and logs.tar.gz, rewritten after every step, so a cut-short
 #      call still returns what finished. Without the archive the training step is skipped (recorded as SKIP).
 #   3. If a part failed, fix it and rerun only that part: --part a (install, GPU tests, kernel table) or
-#      --part b (cost per step, eager vs graphs vs compile, CIFAR-10 training); each part works alone, and
+#      --part b (cost per step, eager vs graphs vs compile, CIFAR-10 training, PGD-20 eval speed); each part works alone, and
 #      part b installs first when the CUDA extension is not built yet.
 #   Then: rm cifar10-jpeg.tar.gz
 #
@@ -103,6 +103,7 @@ if [[ $DRY == 1 ]]; then
     TIMING=(--warmup 1 --steps 1 --rounds 1)
     B_SMALL=16 B_LARGE=32
     TRAIN_DATA=(--dataset synthetic --synthetic-n 64 --model smallcnn --width 4 --batch-size 16 --pgd-steps 2 --eval-n 16)
+    EVAL_SPEED=(--device cpu --model smallcnn --width 4 --size 8 --n 32 --batches 16)
     INSTALL=(bash -c "'$PY' -m pip --version && '$PY' -c 'import apart_fast.ops.dispatch; print(\"dry run: no build, the installed package imports\")'")
 else
     DEVICE=cuda CB=inductor
@@ -113,6 +114,7 @@ else
     TIMING=(--warmup 5 --steps 10 --rounds 2)
     B_SMALL=128 B_LARGE=512
     TRAIN_DATA=(--dataset cifar10 --data-dir "$CIFAR" --model preact18 --width 64 --batch-size 128 --eval-n 1000)
+    EVAL_SPEED=(--device cuda --model preact18 --width 64 --size 32 --n 2048 --batches 256,1024)
     INSTALL=("$PY" -m pip install --no-build-isolation --no-deps -e .)
 fi
 COST=(--device "$DEVICE" --dtype "$DTYPE" --no-progress --methods clean,fgsm_rs,pgd,apart "${MODEL[@]}" "${TIMING[@]}")
@@ -164,6 +166,7 @@ if [[ $PART != a ]]; then
     else
         skip train "no CIFAR-10 archive: cifar10-jpeg.tar.gz in the repository root, or the 2nd argument"
     fi
+    step eval_speed 45 "$PY" benchmarks/eval_speed.py "${EVAL_SPEED[@]}"
     # torch.compile last: its compile time is the least predictable
     step cost_b128_compile 120 "$PY" -m apart_fast bench cost "${COST[@]}" --batch-size "$B_SMALL" --cuda-graphs \
         --compile --compile-backend "$CB" --out "$OUT/cost-b128-compile"

@@ -103,6 +103,23 @@ def training(out: Path) -> dict[str, Any] | None:
     return {"dataset": doc["data"]["name"], "options": doc["options"], "rows": rows}
 
 
+def eval_speed(out: Path) -> list[dict[str, Any]] | None:
+    """PGD-20 evaluation throughput rows (``benchmarks/eval_speed.py``'s JSON lines in its log)."""
+    try:
+        text = (out / "eval_speed.log").read_text(errors="replace")
+    except OSError:
+        return None
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "batch" in row:
+            rows.append(row)
+    return rows
+
+
 def environment(out: Path) -> dict[str, str]:
     """``key: value`` lines that the env step printed (python, torch, triton, gpu, nvcc, commit)."""
     env: dict[str, str] = {}
@@ -121,7 +138,7 @@ def collect(out: Path) -> dict[str, Any]:
     """Everything the summary reports, as one JSON-ready dict."""
     meta = _json(out / "suite.json") or {}
     return {"suite": meta, "env": environment(out), "steps": steps(out), "gpu_tests": gpu_tests(out),
-            "kernels": kernels(out), "cost": cost(out), "training": training(out)}
+            "kernels": kernels(out), "cost": cost(out), "training": training(out), "eval_speed": eval_speed(out)}
 
 
 def _kernel_table(k: dict[str, Any]) -> list[str]:
@@ -212,6 +229,16 @@ def markdown(s: dict[str, Any]) -> str:
             rob = r.get("test_robust_acc")
             lines.append(f"| {r['label']} | {r['epochs']} | {r['train_seconds']:.1f} | {r['test_clean_acc']:.4f} | "
                          f"{'-' if rob is None else f'{rob:.4f}'} |")
+    ev = s.get("eval_speed")
+    lines += ["", "## Evaluation speed (PGD-20 images/s)", ""]
+    if not ev:
+        lines.append("not run")
+    else:
+        cols = [c for c in ("fused", "reference", "eager") if any(c in r for r in ev)]
+        lines += ["`benchmarks/eval_speed.py` (random weights and images; fused: the default path, CUDA graphs on a GPU; "
+                  "reference: the pure-PyTorch pgd_step; eager: no graphs).", "",
+                  "| batch | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+        lines += [f"| {r['batch']} | " + " | ".join(f"{r[c]:.0f}" if c in r else "-" for c in cols) + " |" for r in ev]
     return "\n".join(lines) + "\n"
 
 

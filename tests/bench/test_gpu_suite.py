@@ -38,7 +38,7 @@ def test_dry_run_runs_every_step_and_fills_every_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{steps}\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     s = json.loads((export / "summary.json").read_text())
     names = ["env", "install", "info", "gpu_tests", "kernels", "cost_b128", "cost_b512", "cost_b128_eager", "train",
-             "cost_b128_compile"]
+             "eval_speed", "cost_b128_compile"]
     assert [r["step"] for r in s["steps"]] == names and {r["status"] for r in s["steps"]} == {"ok"}
     assert s["suite"]["dry_run"] is True and s["env"]["torch"] and s["env"]["gpu"] == "none (CPU)"
     assert s["gpu_tests"]["counts"].get("skipped", 0) > 0 and not s["gpu_tests"]["failed"]
@@ -51,6 +51,7 @@ def test_dry_run_runs_every_step_and_fills_every_table(tmp_path: Path) -> None:
         assert all(r["s_per_step"] > 0 for r in run["rows"])
     assert s["cost"]["b16 graphs+compile"]["options"]["compile_backend"] == "aot_eager"
     assert [r["method"] for r in s["training"]["rows"]] == ["pgd", "apart"]
+    assert [r["batch"] for r in s["eval_speed"]] == [16] and s["eval_speed"][0]["fused"] > 0
     md = (export / "summary.md").read_text()
     assert "| APART | 2 |" in md and "| copy | 2x3x8x8 |" in md and "| PGD-2 | 1 |" in md
     assert (export / "logs.tar.gz").stat().st_size > 0
@@ -77,4 +78,4 @@ def test_summary_reads_plain_and_xdist_test_logs_even_cut_short(tmp_path: Path) 
     (tmp_path / "steps.tsv").write_text("step\tstatus\trc\tseconds\tlog\ngpu_tests\tTIMEOUT\t124\t90\tgpu_tests.log\n")
     md = mod.markdown(mod.collect(tmp_path))
     assert "| gpu_tests | TIMEOUT | 90 |" in md and "(log cut short)" in md and "- FAILED tests/ops/test_triton.py::test_b" in md
-    assert md.count("not run") == 3  # kernels, cost and training: absent, said so
+    assert md.count("not run") == 4  # kernels, cost, training and eval speed: absent, said so
