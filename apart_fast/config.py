@@ -244,8 +244,10 @@ class Config:
         return self
 
     def resolved(self) -> Config:
-        """A copy with the attack settings left at None filled from ``eps``: ``pgd_step`` = eps/4,
+        """The config (a copy, if any is missing) with the attack settings left at None filled from ``eps``: ``pgd_step`` = eps/4,
         ``eval_eps`` = eps, ``eval_step`` = eval_eps/4, so a run at another budget is trained and scored at it."""
+        if None not in (self.pgd_step, self.eval_eps, self.eval_step):
+            return self
         eval_eps = self.eps if self.eval_eps is None else self.eval_eps
         return dataclasses.replace(self, pgd_step=self.eps / 4 if self.pgd_step is None else self.pgd_step,
                                    eval_eps=eval_eps, eval_step=eval_eps / 4 if self.eval_step is None else self.eval_step)

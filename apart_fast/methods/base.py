@@ -50,7 +50,7 @@ class Method:
     capturable: ClassVar[bool] = True  # one step can be captured in a CUDA graph (engine/graphs.py)
 
     def __init__(self, model: nn.Module, cfg: Config, info: DataInfo, device: torch.device) -> None:
-        self.model, self.cfg, self.info, self.device = model, cfg, info, torch.device(device)
+        self.model, self.cfg, self.info, self.device = model, cfg.resolved(), info, torch.device(device)  # steps from eps
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: CyclicSchedule | None = None
         self.generator = torch.Generator(device=self.device)
