@@ -15,7 +15,7 @@ from apart_fast.data import load_dataset
 torchattacks = pytest.importorskip("torchattacks", reason="AutoAttack needs the [eval] extra (torchattacks)")
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared/data/cifar10-jpeg.tar.gz"
 EPS = 8 / 255
-N_TEST = 100
+N_TEST = 50  # AutoAttack is slow on 2 cores: a few minutes of CI
 
 
 @pytest.mark.slow
