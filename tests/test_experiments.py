@@ -38,3 +38,10 @@ def test_attack_budget_follows_the_training_eps(tmp_path):
     given = evaluate_checkpoint(str(tmp_path / "model.pt"), dataset="synthetic", eps=8 / 255, steps=1, loss="ce",
                                 device="cpu")
     assert (given["eps_source"], given["settings"]["pgd_ce"]["step"]) == ("--eps", 2 / 255)
+
+
+def test_trained_model_comes_back_without_gradients():
+    """train() hands back the model with no .grad left from its last step (a user's backward starts from zero)."""
+    res = train(Config(method="fgsm_rs", dataset="synthetic", model="smallcnn", width=4, epochs=1, eval_n=0,
+                       final_eval_steps=0, device="cpu"), progress=False)
+    assert all(p.grad is None for p in res["model"].parameters())

@@ -820,6 +820,7 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             resume_it = f"; fix the cause and resume with: apart-fast train --resume {out}" if run.saved_at else ""
             kept = _held(run, out) if out is not None else "no --out was given, so nothing was saved"
             raise RunFailedError(f"the run failed at {_position(run)} ({what}); {kept}{resume_it}") from err
+    run.model.zero_grad(set_to_none=True)  # the caller's next backward must not add to the last step's gradients
     results["model"] = run.model
     if run.ema is not None:
         results["model_ema"] = run.ema.module
