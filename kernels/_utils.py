@@ -83,6 +83,15 @@ def step_dtype(step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype
     return compute_dtype(step.dtype, data_dtype), False
 
 
+def step_launch(x: torch.Tensor, step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype, dict]:
+    """``(PROD dtype, launch constants)`` of a step-size kernel (perturb_init, sign_step; forward and backward)
+    on image ``x``, with ``step`` multiplying data of ``data_dtype``: COMPUTE, PROD, ROUND_A, ROUND_EPS, BLOCK_SIZE
+    and num_warps, so every such launch derives them the same way (``step_dtype``, ``rounds_bound``)."""
+    prod, round_a = step_dtype(step, data_dtype)
+    return prod, dict(COMPUTE=tl_dtype(compute_dtype(x.dtype)), PROD=tl_dtype(prod), ROUND_A=round_a,
+                      ROUND_EPS=rounds_bound(x, round_a), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+
+
 @functools.lru_cache(maxsize=256)
 def split_scalar(value: float) -> tuple[float, float, float]:
     """Split a python float into three fp32-exact parts whose fp64 sum is ``value`` exactly.

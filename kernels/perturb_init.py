@@ -14,20 +14,15 @@ import triton
 import triton.language as tl
 
 from ._utils import (
-    BLOCK_SIZE,
-    NUM_WARPS,
     check_layout,
     clamp,
     clamp_grad_passes_at_bound,
-    compute_dtype,
     inside,
     num_programs,
     on_device,
-    rounds_bound,
     split_scalar,
-    step_dtype,
+    step_launch,
     sum_partials,
-    tl_dtype,
     wide_scalar,
 )
 
@@ -134,7 +129,7 @@ def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor,
     n = x.numel()
     if n == 0:
         return x0, d0
-    prod, round_a = step_dtype(a_init, omega.dtype)
+    _, meta = step_launch(x, a_init, omega.dtype)
     with on_device(x):
         _perturb_init_fwd_kernel[(num_programs(n),)](
             x,
@@ -144,12 +139,7 @@ def perturb_init_fwd(x: torch.Tensor, omega: torch.Tensor, a_init: torch.Tensor,
             d0,
             n,
             *split_scalar(float(eps)),
-            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-            PROD=tl_dtype(prod),
-            ROUND_A=round_a,
-            ROUND_EPS=rounds_bound(x, round_a),
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
+            **meta,
         )
     return x0, d0
 
@@ -166,7 +156,7 @@ def perturb_init_bwd(
     check_layout("perturb_init_bwd", x=x, omega=omega, grad_x0=grad_x0, grad_d0=grad_d0)
     grad_x = torch.empty_like(x)
     n = x.numel()
-    prod, round_a = step_dtype(a_init, omega.dtype)
+    prod, meta = step_launch(x, a_init, omega.dtype)
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
@@ -183,11 +173,6 @@ def perturb_init_bwd(
                 *split_scalar(float(eps)),
                 BOUND_PASSES=clamp_grad_passes_at_bound(),
                 HAS_GRAD_D=grad_d0 is not None,
-                COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-                PROD=tl_dtype(prod),
-                ROUND_A=round_a,
-                ROUND_EPS=rounds_bound(x, round_a),
-                BLOCK_SIZE=BLOCK_SIZE,
-                num_warps=NUM_WARPS,
+                **meta,
             )
     return grad_x, sum_partials(partials, a_init, a_init.dtype)

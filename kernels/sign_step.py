@@ -11,21 +11,16 @@ import triton
 import triton.language as tl
 
 from ._utils import (
-    BLOCK_SIZE,
-    NUM_WARPS,
     check_layout,
     clamp,
     clamp_grad_passes_at_bound,
-    compute_dtype,
     inside,
     num_programs,
     on_device,
-    rounds_bound,
     sign_of,
     split_scalar,
-    step_dtype,
+    step_launch,
     sum_partials,
-    tl_dtype,
     wide_scalar,
 )
 
@@ -137,7 +132,7 @@ def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Te
     n = x.numel()
     if n == 0:
         return x1, d1
-    prod, round_a = step_dtype(a, d.dtype)
+    _, meta = step_launch(x, a, d.dtype)
     with on_device(x):
         _sign_step_fwd_kernel[(num_programs(n),)](
             x,
@@ -148,12 +143,7 @@ def sign_step_fwd(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor, a: torch.Te
             d1,
             n,
             *split_scalar(float(eps)),
-            COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-            PROD=tl_dtype(prod),
-            ROUND_A=round_a,
-            ROUND_EPS=rounds_bound(x, round_a),
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
+            **meta,
         )
     return x1, d1
 
@@ -172,7 +162,7 @@ def sign_step_bwd(
     grad_x = torch.empty_like(x)
     grad_d = torch.empty_like(d)
     n = x.numel()
-    prod, round_a = step_dtype(a, d.dtype)
+    prod, meta = step_launch(x, a, d.dtype)
     grid = num_programs(n)
     partials = torch.empty(grid, dtype=prod, device=x.device)  # every program writes its partial
     if n > 0:
@@ -191,11 +181,6 @@ def sign_step_bwd(
                 *split_scalar(float(eps)),
                 BOUND_PASSES=clamp_grad_passes_at_bound(),
                 HAS_GRAD_D=grad_d1 is not None,
-                COMPUTE=tl_dtype(compute_dtype(x.dtype)),
-                PROD=tl_dtype(prod),
-                ROUND_A=round_a,
-                ROUND_EPS=rounds_bound(x, round_a),
-                BLOCK_SIZE=BLOCK_SIZE,
-                num_warps=NUM_WARPS,
+                **meta,
             )
     return grad_x, grad_d, sum_partials(partials, a, a.dtype)
