@@ -41,6 +41,7 @@ HELP = {
 EXTENSIONS = (
     ("bench", "apart_fast.bench.cli", "kernel throughput and training cost against PGD-10"),
     ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
+    ("ablation", "apart_fast.ablation", "what each part of APART buys: its ablations at several eps and seeds"),
 )
 CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES,
            "schedule": APART_SCHEDULES, "shortcut": SHORTCUTS}
@@ -231,6 +232,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "demo":
         return _demo(args)
     module = {name: module for name, module, _ in EXTENSIONS}[args.command]
+    args.argv = argv
     return importlib.import_module(module).run(args)
 
 
