@@ -143,7 +143,8 @@ def _format1_body(path: Path, raw: bytes) -> bytes:
 def _check_format2(path: Path, raw: bytes) -> None:
     """Verify a format-2 file: a whole zip archive, every record's CRC-32, the integrity record and its SHA-256."""
     retry = "use an earlier checkpoint or retrain"
-    if _ZIP_END not in raw[-(_ZIP_END_SEARCH):]:
+    end = raw.rfind(_ZIP_END, max(len(raw) - _ZIP_END_SEARCH, 0))
+    if end < 0 or end + 22 + int.from_bytes(raw[end + 20: end + 22], "little") > len(raw):  # 22: the record's size
         raise CheckpointError(f"{path} is truncated (its zip directory, at the end, is missing); {retry}")
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
