@@ -123,7 +123,8 @@ def test_out_none_saves_nothing(tmp_path, capsys):
     cap = capsys.readouterr()
     assert json.loads(cap.out[cap.out.index("{"):])["out"] is None
     err = cap.err.splitlines()
-    assert err[0].endswith("--out none: nothing will be saved") and err[-1] == "apart-fast: --out none: nothing was saved"
+    assert err[0].endswith("no output folder (--out none): nothing will be saved")
+    assert err[-1] == "apart-fast: --out none: nothing was saved"
     assert list(tmp_path.iterdir()) == []  # no runs/, nothing else
 
 

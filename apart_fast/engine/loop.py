@@ -496,7 +496,7 @@ class Run:
         text += f", {self.cfg.epochs} epochs"
         if self.defaulted:
             text += f" ({'/'.join('--' + k for k in self.defaulted)}: {self.cfg.dataset}'s defaults)"
-        return text + (f"; writing to {out}" if out is not None else "; --out none: nothing will be saved")
+        return text + (f"; writing to {out}" if out is not None else "; no output folder (--out none): nothing will be saved")
 
     def model_payload(self, ema: bool = False) -> dict[str, Any]:
         """What ``load_model`` needs: the model's constructor config and weights (``ema``: the averaged ones), plus provenance."""
