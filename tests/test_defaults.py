@@ -135,3 +135,20 @@ def test_auto_out_dir_takes_the_next_free_name(tmp_path, monkeypatch):
     (tmp_path / "apart-cifar10-20250102-030405").mkdir()
     (tmp_path / "apart-cifar10-20250102-030405-2").mkdir()
     assert loop.auto_out_dir(cfg, tmp_path) == str(tmp_path / "apart-cifar10-20250102-030405-3")
+
+
+def test_first_line_names_a_users_model_and_only_the_defaults_it_took(monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    def stop(run: loop.Run, *args: object) -> None:
+        raise _Stop
+
+    monkeypatch.setattr(loop, "_train_loop", stop)
+    mine = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    mine(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(_Stop):
+        loop.train(Config(method="clean", dataset="synthetic", batch_size=64, eval_n=0), model=mine)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.endswith("; your Sequential, 10 epochs (--epochs: synthetic's defaults); no output folder (--out none): "
+                          "nothing will be saved"), first

@@ -286,7 +286,7 @@ class Run:
 
     def __init__(self, cfg: Config, data: ImageData | None = None, model: nn.Module | None = None,
                  comm: Comm | None = None, device: str | None = None) -> None:
-        unset = [k for k in ("model", "width", "epochs") if getattr(cfg, k) is None]
+        unset = [k for k in ("model", "width", "epochs") if getattr(cfg, k) is None and (model is None or k == "epochs")]
         cfg = cfg.validate().resolved()  # model, width, epochs: the dataset's unless set (imagefolder's below, by size)
         self.cfg = cfg
         self.comm = comm if comm is not None else LOCAL
@@ -493,7 +493,7 @@ class Run:
         kw = self.model_config["kwargs"] if self.model_config is not None else {}
         name = self.cfg.model if self.model_config is not None else f"your {type(self.model).__name__}"
         text = f"{name} width {kw['width']}" if "width" in kw else f"{name} widen {kw['widen']}" if "widen" in kw else name
-        text += f", {self.cfg.epochs} epochs"
+        text += f", {self.cfg.epochs} epoch{'s' if self.cfg.epochs != 1 else ''}"
         if self.defaulted:
             text += f" ({'/'.join('--' + k for k in self.defaulted)}: {self.cfg.dataset}'s defaults)"
         return text + (f"; writing to {out}" if out is not None else "; no output folder (--out none): nothing will be saved")
