@@ -30,6 +30,16 @@ MAX_INT = 2**31 - 1  # integer settings above this are typos (and overflow seeds
 # reported, not what it learns up to its checkpoint. ``epochs`` may only grow; ``lr`` rescales the
 # rest of the model's cyclic schedule (to continue with a lower peak after --max-faults stopped it).
 RESUME_MAY_CHANGE = ("epochs", "lr", "max_faults", "log_interval", "eval_every", "backend")
+# What --model, --width and --epochs default to (Config's None) on each dataset: (model, width, epochs). CIFAR
+# takes the paper's setting, digits the CPU demo's; imagefolder takes digits' for images under SMALL_IMAGE
+# pixels on a side (the 8x8-to-16x16 scale SmallCNN suits), CIFAR's otherwise.
+DATASET_DEFAULTS: dict[str, tuple[str, int, int]] = {
+    "digits": ("smallcnn", 16, 15),
+    "synthetic": ("smallcnn", 16, 10),
+    "cifar10": ("preact18", 64, 30),
+    "cifar100": ("preact18", 64, 30),
+}
+SMALL_IMAGE = 32
 
 
 class ConfigError(ValueError):
@@ -66,6 +76,16 @@ def _check_types(obj: object, prefix: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{f.name} = {v!r} is a {type(v).__name__}; "
                               f"{prefix}{f.name.replace('_', '-')} must be {want}")
         object.__setattr__(obj, f.name, v)
+
+
+def dataset_defaults(dataset: str, image_size: tuple[int, int] | None = None) -> tuple[str, int, int] | None:
+    """(model, width, epochs) of a run on ``dataset`` that sets none of them; imagefolder's depend on the
+    image size (HxW), so they are None until it is known."""
+    if dataset == "imagefolder":
+        if image_size is None:
+            return None
+        return DATASET_DEFAULTS["digits" if min(image_size) < SMALL_IMAGE else "cifar10"]
+    return DATASET_DEFAULTS.get(dataset)
 
 
 def check_budget(flag: str, v: float) -> None:
@@ -174,10 +194,10 @@ class Config:
     method: str = "apart"
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str = "smallcnn"
-    width: int | None = None  # first stage's channels (preact18: 64 is the paper's)
+    model: str | None = None  # architecture; None: the dataset's (config.DATASET_DEFAULTS)
+    width: int | None = None  # first stage's channels (preact18: 64 is the paper's); None: the dataset's with its model, else the model's
     shortcut: str = "act"  # projection shortcut's input: act = relu(bn1(x)) (the common PreAct block), raw = x (APART script)
-    epochs: int = 10
+    epochs: int | None = None  # passes over the training data; None: the dataset's
     batch_size: int = 128
     keep_last_batch: bool = False  # train on the last partial batch too (the APART script's 391 steps per epoch)
     train_subset: int | None = None  # train on a seeded random N-image subset of the training split; None: all of it
@@ -213,7 +233,7 @@ class Config:
     backend: str = "auto"  # perturbation-op backend: auto, torch, cpp, triton, cuda
     log_interval: int = 50  # steps between reads of the on-device running metrics and fault flags
     max_faults: int = 10  # stop the run after this many skipped non-finite steps
-    out: str | None = None
+    out: str | None = None  # output folder; None: save nothing; "auto": a fresh runs/<method>-<dataset>-<date-time>/
     # Speed (none of these changes what is computed beyond float rounding):
     amp: str = "auto"  # autocast: auto (bf16 on CUDA devices that support it, else none), none, bf16, fp16 (loss-scaled)
     cuda_graphs: bool | None = None  # capture the steady-state step in a CUDA graph; None: on for CUDA when the method can
@@ -240,7 +260,7 @@ class Config:
                     raise ConfigError(f"{flag} {v} is too large (at most {MAX_INT}); pass a smaller value")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.model not in MODELS:
+        if self.model is not None and self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -248,7 +268,7 @@ class Config:
         if self.eval_eps is not None:
             check_budget("--eval-eps", self.eval_eps)
         for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults", "final_eval_restarts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
@@ -303,14 +323,21 @@ class Config:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         return self
 
-    def resolved(self) -> Config:
-        """The config (a copy, if any is missing) with the attack settings left at None filled from ``eps``: ``pgd_step`` = eps/4,
-        ``eval_eps`` = eps, ``eval_step`` = eval_eps/4, so a run at another budget is trained and scored at it."""
-        if None not in (self.pgd_step, self.eval_eps, self.eval_step):
-            return self
+    def resolved(self, image_size: tuple[int, int] | None = None) -> Config:
+        """The config (a copy, if anything is filled) with the settings left at None filled in.
+
+        The attack settings from ``eps``: ``pgd_step`` = eps/4, ``eval_eps`` = eps, ``eval_step`` = eval_eps/4,
+        so a run at another budget is trained and scored at it. ``model``, ``width`` (with a defaulted model
+        only) and ``epochs`` from ``dataset_defaults`` (imagefolder's once ``image_size``, HxW, is given).
+        """
         eval_eps = self.eps if self.eval_eps is None else self.eval_eps
-        return dataclasses.replace(self, pgd_step=self.eps / 4 if self.pgd_step is None else self.pgd_step,
-                                   eval_eps=eval_eps, eval_step=eval_eps / 4 if self.eval_step is None else self.eval_step)
+        fill: dict[str, object] = {"pgd_step": self.eps / 4, "eval_eps": eval_eps, "eval_step": eval_eps / 4}
+        defaults = dataset_defaults(self.dataset, image_size) if None in (self.model, self.epochs) else None
+        if defaults is not None:
+            model, width, epochs = defaults
+            fill.update(model=model, epochs=epochs, width=width if self.model is None else None)
+        changes = {k: v for k, v in fill.items() if getattr(self, k) is None and v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field (JSON- and checkpoint-safe); ``from_dict`` inverts it."""
