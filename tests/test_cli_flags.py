@@ -17,8 +17,6 @@ from apart_fast.cli import build_parser
 PACKAGE = Path(__file__).resolve().parents[1] / "apart_fast"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 OTHER_PROGRAMS = re.compile(r"\b(pip|torchrun|pytest|git)\b")
-# Flags named in files this issue may not edit, reported to their owner; each entry fails (strict xfail) until fixed.
-KNOWN_WRONG = {"--apart-no-layer-perturb": "methods/apart.py names it; the flag is --no-apart-layer-perturb (issue 19's file)"}
 
 
 @functools.cache
@@ -78,8 +76,7 @@ def _quoted_flags() -> dict[str, list[str]]:
 QUOTED = _quoted_flags()
 
 
-@pytest.mark.parametrize("flag", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_WRONG[f]))
-                                  if f in KNOWN_WRONG else f for f in sorted(QUOTED)])
+@pytest.mark.parametrize("flag", sorted(QUOTED))
 def test_every_flag_named_in_a_message_exists(flag):
     options = _options()
     ok = any(o.startswith(flag) for o in options) if flag.endswith("-") else flag in options

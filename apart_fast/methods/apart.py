@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
+from apart_fast.config import ConfigError
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
 from apart_fast.step.guard import conditional_step, gather_grads
@@ -66,9 +67,9 @@ class Apart(Method):
         a = self.gen = self.cfg.apart.resolve(self.cfg.eps, 1)
         self.sites = find_sites(self.model) if a.layer_perturb else []
         if a.layer_perturb and not self.sites:
-            raise ValueError(
+            raise ConfigError(
                 "the model has no PerturbSite; mark the activation feeding each residual block's first conv "
-                "with apart_fast.models.PerturbSite(), or pass --apart-no-layer-perturb"
+                "with apart_fast.models.PerturbSite(), or pass --no-apart-layer-perturb (ApartConfig(layer_perturb=False))"
             )
         dev = self.device
         self.a_init = nn.Parameter(torch.tensor(a.a_init, device=dev))
