@@ -11,9 +11,9 @@ A unit (eps, row, seed) is one engine ``train`` run in ``OUT/eps<k>/<row>/s<seed
 the step sizes and the perturbation-strength probe per epoch), scored in eval mode on a seeded ``--test-n``
 test subset (the same points for every unit) by PGD-20 with the CE and the CW loss, and for the first
 ``--aa-seeds`` seeds by AutoAttack on the first ``--aa-n`` of those points; ``unit.json`` records it.
-``--resume`` keeps finished units, so the study can be split over processes (``--rows``, ``--eps``,
-``--seeds``) into one OUT; every invocation ends by writing the table and figures of all finished units
-(``ablation_report``), and ``--report-only`` does only that.
+``--resume`` keeps finished units and continues an interrupted one from its checkpoint, so the study can be
+split over processes (``--rows``, ``--eps``, ``--seeds``) into one OUT; every invocation ends by writing the
+table and figures of all finished units (``ablation_report``), and ``--report-only`` does only that.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def autoattack_unit(path: Path, study: Study, eps: float) -> dict[str, Any]:
 def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume: bool, progress: bool,
              generator: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and score one unit (or, with ``resume``, reuse what is finished); returns and writes its unit.json."""
+    from apart_fast.engine.checkpoint import is_run_checkpoint
     from apart_fast.engine.loop import train
 
     path = unit_dir(out, eps, row, seed)
@@ -125,6 +126,8 @@ def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume
     cfg = study.config(row, eps, seed, path, generator)
     if resume and (path / "results.json").exists():
         res = json.loads((path / "results.json").read_text())
+    elif resume and is_run_checkpoint(path / "checkpoint.pt"):  # interrupted mid-unit: continue from its checkpoint
+        res = train(cfg, resume=True, progress=progress, changed=set())
     else:
         res = train(cfg, overwrite=True, progress=progress)
     unit = {"row": row, "method": cfg.method, "eps": eps, "seed": seed, "generator": res.get("apart"),
@@ -132,6 +135,25 @@ def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume
             **evaluate_unit(path, study, eps, seed, progress)}
     done.write_text(json.dumps(unit, indent=1))
     return unit
+
+
+# Rows whose step computes something other than the default's (frozen, script and full run the default's operations)
+COST_VARIANTS = {"no_layer": ("apart", {"layer_perturb": False}), "no_store": ("apart", {"store": False})}
+
+
+def measure_cost(study: Study, out: Path, rounds: int, progress: bool) -> None:
+    """Seconds per training step of PGD-10, FGSM-RS, N-FGSM, APART and its two cheaper ablations, timed round-robin in
+    one process (``bench.cost.measure``) on the study's data and model; writes ``cost.json``."""
+    from apart_fast.bench.cost import CostOptions, measure
+    from apart_fast.data import load_dataset
+
+    opts = CostOptions(methods=["pgd", "fgsm_rs", "nfgsm", "apart"], model=study.model, width=study.width,
+                       batch_size=study.batch_size, dataset="cifar10", data_dir=study.data_dir, device=study.device,
+                       warmup=2, steps=2, rounds=rounds, progress=progress)
+    rows, _ = measure(opts, load_dataset("cifar10", study.data_dir), COST_VARIANTS)
+    cost = {r["method"]: {"s_per_step": r["s_per_step"], "vs_pgd10": r["step_vs_pgd"], "round_medians": r["round_medians"]}
+            for r in rows}
+    (out / "cost.json").write_text(json.dumps({"rounds": rounds, "steps_per_round": opts.steps, "rows": cost}, indent=1))
 
 
 def load_units(out: Path) -> list[dict[str, Any]]:
@@ -155,6 +177,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aa-n", type=int, default=d.aa_n, help="AutoAttack points, the first of the test subset (0: none)")
     p.add_argument("--aa-seeds", type=int, default=d.aa_seeds, help="AutoAttack for seeds below this (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--cost-rounds", type=int, default=4,
+                   help="rounds of the interleaved step-cost measurement against PGD-10 (cost.json; 0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: run two studies side by side on 2 cores)")
     p.add_argument("--resume", action="store_true", help="keep the finished units in --out")
     p.add_argument("--report-only", action="store_true", help="only write the table and figures of the finished units")
@@ -228,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{u['train_seconds']:.0f} s train, {(time.perf_counter() - t0) / 60:.1f} min so far", flush=True)
     from apart_fast import ablation_report
 
+    if args.cost_rounds > 0 and not (out / "cost.json").exists() and not args.report_only:
+        measure_cost(study, out, args.cost_rounds, progress=not args.no_progress)
     command = shlex.join(["apart-fast", *args.argv]) if hasattr(args, "argv") else None
     names = ablation_report.write(out, command=command)
     print(f"[ablation] wrote {out}/ablation.md, ablation.json, {', '.join(names)}")

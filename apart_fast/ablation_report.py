@@ -96,13 +96,23 @@ def targets(summary: dict[float, dict[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, Any], command: str | None) -> str:
+def _cost(cost: dict[str, Any] | None, row: str) -> str:
+    """A row's step time relative to PGD-10's from cost.json (the default's operations for frozen, script and full)."""
+    if not cost:
+        return "—"
+    key = row if row in cost["rows"] else ROWS[row][0]
+    v = cost["rows"].get(key, {}).get("vs_pgd10")
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, Any], command: str | None,
+             cost: dict[str, Any] | None = None) -> str:
     """ablation.md: one table per eps, the target checks and how it was measured."""
     lines = ["# APART ablation", ""]
     for eps, rows in sorted(summary.items()):
         lines += [f"## eps {eps * 255:.3g}/255", "",
                   "| row | seeds | clean | PGD-20 CE | PGD-20 CW | worst of CE, CW | AutoAttack (seed 0) | a_in / eps (start -> end) "
-                  "| a_init / eps (end) | mean a_b / eps (end) | train s |",
+                  "| a_init / eps (end) | mean a_b / eps (end) | step cost vs PGD-10 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in ROW_ORDER:
             s = rows.get(row)
@@ -114,7 +124,7 @@ def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, A
             a_init = f"{st['a_init']:.3f}" if st else "—"
             blocks = f"{st['blocks']:.3f}" if st and st["blocks"] is not None else "—"
             lines.append(f"| {ROWS[row][1]} | {len(s['seeds'])} | {_pm(s['clean'])} | {_pm(s['pgd_ce'])} | {_pm(s['pgd_cw'])} "
-                         f"| **{_pm(s['worst'])}** | {aa} | {a_in} | {a_init} | {blocks} | {s['train_seconds']:.0f} |")
+                         f"| **{_pm(s['worst'])}** | {aa} | {a_in} | {a_init} | {blocks} | {_cost(cost, row)} |")
         lines.append("")
     lines += ["## Targets (issue 19)", "", *targets(summary), "",
               "± combines the seed spread (standard deviation / sqrt(seeds); none with one seed) and the test-set binomial "
@@ -126,6 +136,9 @@ def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, A
               f"- Evaluation: eval mode, PGD-20 (step eps/4, one random start) with the CE and the CW loss on a seeded "
               f"{study['test_n']}-point test subset (the same points for every unit); AutoAttack (torchattacks, standard "
               f"version) on the first {study['aa_n']} of them for seeds below {study['aa_seeds']}.",
+              f"- Step cost: seconds per training step relative to PGD-10's, medians of every method timed round-robin in one "
+              f"process ({cost['rounds'] if cost else 0} rounds; `bench.cost.measure`); frozen, script and full compute what "
+              "the default computes.",
               f"- Device: {study.get('device_name', study['device'])}."]
     if command:
         lines += ["", "Command:", "", f"    {command}"]
@@ -203,7 +216,8 @@ def write(out: Path, command: str | None = None) -> list[str]:
         return []
     summary = summarize(units)
     footer = f"device: {study.get('device_name', study['device'])}" + (f"  |  {command}" if command else "")
-    (out / "ablation.md").write_text(markdown(summary, study, command))
+    cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").exists() else None
+    (out / "ablation.md").write_text(markdown(summary, study, command, cost))
     slim = {str(e): {r: {k: v for k, v in s.items() if k != "units"} for r, s in rows.items()} for e, rows in summary.items()}
     (out / "ablation.json").write_text(json.dumps({"study": study, "command": command, "summary": slim,
                                                    "main_rows": MAIN_ROWS}, indent=1))
