@@ -79,3 +79,23 @@ def test_demo_cost_column_divides_cpu_times_so_a_busy_machine_does_not_skew_it(m
     assert [(r["seconds"], r["vs_pgd10"]) for r in rows] == [(30.0, 0.125), (10.0, 1.0)]
     table = format_table(rows)
     assert "| clean | 0.900 | 0.100 | 30.0 | 0.12x |" in table and "cost vs PGD-10: training's process CPU time" in table
+
+
+def test_demo_trains_one_thread_on_the_cpu_and_restores_the_count(monkeypatch):
+    """CPU time of a multi-threaded process counts spin-waits for a busy core: the demo's cost column needs one thread."""
+    import torch
+
+    import apart_fast.engine.loop as loop
+    from apart_fast.experiments import demo
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(torch.get_num_threads())
+        return {"test_clean_acc": 0.9, "test_robust_acc": 0.1, "train_seconds": 1.0, "train_cpu_seconds": 1.0,
+                "eval": "PGD-20x1", "device": "cpu"}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    torch.set_num_threads(2)
+    demo(["clean", "pgd"], epochs=1, device="cpu")
+    assert seen == [1, 1] and torch.get_num_threads() == 2
