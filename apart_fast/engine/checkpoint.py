@@ -51,6 +51,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def is_run_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a file written by ``save`` (any format version), judged by its header alone: how a
+    folder is recognised as a run's, cheaply and without trusting a file's name."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline(4096))
+    except (OSError, ValueError):  # missing, a folder, unreadable, or not our JSON header
+        return False
+    return isinstance(header, dict) and header.get("magic") == MAGIC
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Serialise ``payload`` with a header carrying the format version and the payload's sha256."""
     buf = io.BytesIO()
