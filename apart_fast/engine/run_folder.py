@@ -96,10 +96,11 @@ def run_files(folder: Path) -> list[str]:
 
 def foreign_files(folder: Path) -> list[str]:
     """Files in ``folder`` named like a run's that no run wrote: a ``.pt`` without our header, and the other run
-    files unless a run's checkpoint or a start marker sits beside them. A run never replaces or deletes these."""
+    files unless a run's checkpoint, a start marker or an ``--overwrite``'s backup of a run sits beside them. A run
+    never replaces or deletes these."""
     present = [f for f in RUN_FILES if (folder / f).exists()]
     ours = set(run_files(folder))
-    if ours or (folder / START).exists():
+    if ours or (folder / START).exists() or run_files(folder / BACKUP):
         return [f for f in present if f.endswith(".pt") and f not in ours]
     return present
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import assert_one_line, make_image_folder, run_cli, snapshot, tiny_flags
+from fault_helpers import assert_one_line, make_image_folder, poison_step, run_cli, snapshot, tiny_flags
 from torch import nn
 
 from apart_fast import load_model
@@ -24,19 +24,6 @@ from apart_fast.methods.clean import Clean
 
 def finite(state: dict) -> bool:
     return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-
-
-def poison_step(monkeypatch: pytest.MonkeyPatch, at: int, poison) -> None:  # noqa: ANN001
-    """Make ``poison(method)`` act on Clean's global step ``at`` (1-based) after the method's own step."""
-    orig, calls = Clean.step, {"n": 0}
-
-    def step(self, batch):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] != at:
-            return orig(self, batch)
-        return poison(self, lambda: orig(self, batch))
-
-    monkeypatch.setattr(Clean, "step", step)
 
 
 def first_bn(model: nn.Module) -> nn.BatchNorm2d:
