@@ -141,6 +141,8 @@ def evaluate_checkpoint(path: str, *, dataset: str | None = None, data_dir: str 
         ev = evaluate(net, x, y, batch_size=batch_size, eps=eps, step=step, steps=steps, restarts=restarts, loss=lo,
                       progress=progress, seed=seed, backend=backend)
         res["clean_acc"] = ev["clean_acc"]
+        if ev["robust_acc"] is None:  # --steps 0: clean accuracy only
+            break
         res[f"pgd_{lo}_acc"] = ev["robust_acc"]
         res[f"pgd_{lo}_se"] = standard_error(ev["robust_acc"], res["n"])
         res["settings"][f"pgd_{lo}"] = {"attack": f"PGD-{steps}", "loss": lo, "eps": eps, "step": step,

@@ -694,7 +694,7 @@ def _trim_metrics(out: Path, run: Run) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             continue
         step, epoch = rec.get("step"), rec.get("epoch")
-        if not isinstance(epoch, int) or not isinstance(step, (int, type(None))):
+        if not isinstance(epoch, int) or ("step" in rec and not isinstance(step, int)):  # runs before "step": no key
             continue
         if step > run.step_count if step is not None else epoch > run.epoch:
             continue

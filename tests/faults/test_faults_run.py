@@ -172,11 +172,14 @@ BAD_EVAL = [
     (["--restarts", "0"], ["--restarts 0 must be in [1,"]),
     (["--seed", "1e30"], ["--seed 1000000000000000019884624838656 must be in [0, 2147483647]"]),
     (["--backend", "cuda"], ["--backend cuda cannot run on cpu"]),
+    (["--device", "meta"], ["--device meta: apart_fast trains and evaluates on cpu or cuda devices only"]),
+    (["--device", "mps"], ["--device mps: apart_fast trains and evaluates on cpu or cuda devices only"]),
     (_other_size, ["was trained on 8x8 images", "has 16x16", "pass the dataset it was trained on"]),
 ]
 
 
-@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "seed", "backend", "size"])
+@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "seed", "backend", "meta", "mps",
+                                                               "size"])
 def test_bad_eval_exits_2(flags, needles, finished, tiny_data, tmp_path, capsys):
     data = ["--dataset", "imagefolder", "--data-dir", str(tiny_data)]
     flags = flags(tmp_path) if callable(flags) else [*data, *flags]
