@@ -15,11 +15,14 @@ Reliability (see ``faults.py`` and ``step/guard.py``):
   read (every ``log_interval`` steps), and ``max_faults`` of them stop the run with
   ``NumericFaultError``.
 - Bad input: one validation phase (``_train`` up to ``prepare_out_dir``) checks the config, the
-  data (read and decoded in full), the output folder (writable, room for a checkpoint), the
-  backend and, on resume, the checkpoint against this run (its own config, ``RESUME_MAY_CHANGE``,
-  the data's fingerprint) before the output folder is created or touched: a failed start writes nothing.
-- ``--overwrite`` moves the old run into ``<out>/overwritten-run/`` and deletes it only once the
-  new run wrote its first checkpoint; a new run that fails before that puts the old one back.
+  data (read and decoded in full), the model against two images, the output folder (writable, room for a
+  checkpoint), the device and backend (one kernel launched) and, on resume, the checkpoint against this
+  run (its own config, ``RESUME_MAY_CHANGE``, the data's fingerprint) before the output folder is created
+  or written: a failed start writes nothing.
+- The output folder (``run_folder.py``): rank 0 locks it for the run's life, so a second process there is refused;
+  it holds a run once it holds a checkpoint, and a start that stops before its first one leaves nothing (or, after
+  kill -9, a marker the next start recognises). ``--overwrite`` moves the old run into ``<out>/overwritten-run/`` and
+  deletes it only once the new run finished an epoch; a new run that stops before that puts the old one back.
 - Failing midway (``OSError`` such as a full disk, out of memory): ``RunFailedError`` names the
   checkpoint the run left and how to resume.
 
