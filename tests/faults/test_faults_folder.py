@@ -273,3 +273,18 @@ def test_reproduce_refuses_what_it_did_not_make(build, flags, needles, finished,
     assert rc == 2
     assert_one_line(err, *[n.format(out=out) for n in needles])
     assert snapshot(tmp_path) == before
+
+
+def test_reproduce_resume_continues_a_sub_run_that_holds_only_a_checkpoint(tiny_data, tmp_path, capsys):
+    from apart_fast.data import load_dataset
+    from apart_fast.reproduce import run_one
+
+    out = tmp_path / "clean"
+    assert run_cli(["train", *tiny_flags(tiny_data), "--device", "cpu", "--out", str(out)], capsys)[0] == 0
+    (out / "results.json").unlink()  # an interrupted sub-run: a checkpoint, no results
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "mark": "kept"}) + "\n")
+    cfg = Config.from_dict(checkpoint.load(out / "checkpoint.pt")["config"])
+    cfg.epochs = 2
+    row = run_one("clean", cfg, load_dataset("imagefolder", str(tiny_data)), resume=True, progress=False)
+    assert row["epochs"] == 2 and [h.get("mark") for h in row["history"]] == ["kept", None]
