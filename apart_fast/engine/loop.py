@@ -816,7 +816,7 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
     from the first look at it (a folder that does not exist yet: from its creation) to the end."""
     progress = progress and comm.is_main
     lock = FolderLock(Path(cfg.out), "--resume" if resume else "--out") if cfg.out is not None and comm.is_main else None
-    made = _missing_folders(Path(cfg.out)) if cfg.out is not None else []
+    made = _missing_folders(lock.folder) if lock is not None else []
     try:
         if lock is not None and lock.folder.is_dir():
             lock.acquire()
@@ -844,7 +844,7 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
         try:
             return _run(run, out, resume, overwrite, progress, lock)
         except BaseException as err:
-            if out is not None and not resume and comm.is_main:
+            if out is not None and not resume and lock is not None and lock.held:  # never in a folder another process holds
                 if restore_backup(out):
                     err.args = (f"{err.args[0] if err.args else err}; the run --overwrite would have replaced is back "
                                 f"in {out}", *err.args[1:])
@@ -852,11 +852,11 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
                     discard_start(out)
             raise
     finally:
-        if lock is not None:
+        if lock is not None and lock.held:
             lock.release()
-        for folder in made:  # a start that failed before its first checkpoint leaves no folder behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            for folder in made:  # a start that failed before its first checkpoint leaves no folder behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
 
 def _missing_folders(path: Path) -> list[Path]:

@@ -23,7 +23,7 @@ from torch import nn
 
 import apart_fast
 from apart_fast.config import Config, ConfigError
-from apart_fast.engine import checkpoint, run_folder
+from apart_fast.engine import checkpoint, loop, run_folder
 from apart_fast.engine.run_folder import BACKUP, LOCK, FolderLock
 from apart_fast.methods.clean import Clean
 
@@ -72,6 +72,26 @@ def test_a_run_holds_its_folder_from_creating_it_to_its_end(tiny_data, tmp_path,
     lock = FolderLock(out)
     lock.acquire()
     lock.release()
+
+
+def test_a_start_refused_at_its_folders_creation_leaves_the_holders_files_alone(tiny_data, tmp_path, monkeypatch,
+                                                                                 capsys):
+    out, other = tmp_path / "run", FolderLock(tmp_path / "run")
+
+    def another_start(path, need, flag="--out"):  # noqa: ANN001, ANN202 - meanwhile another start takes the new folder
+        out.mkdir()
+        other.acquire()
+        (out / run_folder.START).write_text("1\n")
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loop, "check_free_space", another_start)
+    try:
+        rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(out)], capsys)
+        assert rc == 2
+        assert_one_line(err, f"--out {out} is in use by another apart-fast process (pid {os.getpid()})")
+        assert sorted(snapshot(out)) == sorted([LOCK, run_folder.START, "config.json"])
+    finally:
+        other.release()
 
 
 def test_a_filesystem_without_locks_warns_and_trains(tiny_data, tmp_path, monkeypatch, capsys):
