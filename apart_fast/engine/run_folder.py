@@ -34,10 +34,10 @@ def _warn(msg: str) -> None:
 class FolderLock:
     """An exclusive advisory lock on ``folder`` (its ``LOCK`` file) for one process; ``release`` removes the file."""
 
-    def __init__(self, folder: Path, flag: str = "--out") -> None:
-        self.folder, self.flag = Path(folder), flag
+    def __init__(self, folder: str | Path, flag: str = "--out") -> None:
+        self.folder, self.flag = Path(folder), flag  # flag: how error lines name the folder
         self.fd: int | None = None
-        self.held = False  # False also where the filesystem has no locks (then a warning said so)
+        self.held = False  # True once acquired (also on a filesystem without locks, after a warning said so)
 
     def acquire(self) -> None:
         """Take the lock (the folder must exist), or raise ConfigError naming the pid of the process holding it."""
