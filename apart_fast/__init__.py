@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 
 
 def load_model(path: str, map_location: str = "cpu") -> nn.Module:
-    """An eval-mode model from any checkpoint ``apart-fast train`` writes (model.pt or checkpoint.pt).
+    """An eval-mode model from any checkpoint ``apart-fast train`` writes (model.pt or checkpoint.pt, of any format
+    version), verified first. It takes float32 images in [0,1] of shape (N,C,H,W) and returns logits.
 
-    It takes float32 images in [0,1] of shape (N,C,H,W) and returns logits.
+    Without apart_fast, ``torch.load(path, weights_only=True)["model"]`` is the state_dict (unverified).
     """
     from apart_fast.engine import checkpoint
 

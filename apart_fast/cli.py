@@ -17,16 +17,18 @@ from pathlib import Path
 from apart_fast.config import (
     AMP_MODES,
     APART_SCHEDULES,
+    DATASET_DEFAULTS,
     DATASETS,
     METHODS,
     MODELS,
     RESUME_MAY_CHANGE,
     SHORTCUTS,
+    SMALL_IMAGE,
     ApartConfig,
     Config,
     ConfigError,
 )
-from apart_fast.engine.loop import BACKUP
+from apart_fast.engine.loop import AUTO_OUT, BACKUP
 from apart_fast.experiments import ATTACKS
 
 # Help for fields whose comment in config.py is not enough on its own.
@@ -34,13 +36,18 @@ HELP = {
     "dataset": "dataset name; 'digits' is bundled (no download)",
     "data_dir": "folder or .tar.gz in ImageFolder layout with train/ and test/, or torchvision's CIFAR folder",
     "model": "architecture",
+    "width": "first stage's channels (preact18: 64 is the paper's)",
+    "epochs": "passes over the training data",
     "device": "auto (cuda when available, else cpu; the log names the one used), cpu, cuda or cuda:N",
-    "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json)",
+    "out": "output folder (metrics.jsonl, model.pt, checkpoint.pt, results.json), named in the first and last log lines",
 }
+# The train flags whose default is not their Config field's: (the CLI's value, its help text).
+CLI_DEFAULTS = {"out": (AUTO_OUT, f"{AUTO_OUT}: a fresh runs/<method>-<dataset>-<date-time>/; none: save nothing")}
 # Subcommands that live beside their library code: (name, module with add_arguments/run, help).
 EXTENSIONS = (
     ("bench", "apart_fast.bench.cli", "kernel throughput and training cost against PGD-10"),
     ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
+    ("ablation", "apart_fast.ablation", "what each part of APART buys: its ablations at several eps and seeds"),
 )
 CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES,
            "schedule": APART_SCHEDULES, "shortcut": SHORTCUTS}
@@ -56,6 +63,18 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+def by_dataset(field: str) -> str:
+    """The default of ``model``, ``width`` or ``epochs`` on each dataset, in words (from config.DATASET_DEFAULTS)."""
+    i = ("model", "width", "epochs").index(field)
+    groups: dict[str, list[str]] = {}
+    for name, values in DATASET_DEFAULTS.items():
+        groups.setdefault(str(values[i]), []).append(name)
+    parts = [f"{'/'.join(names)} {value}" for value, names in groups.items()]
+    small, large = DATASET_DEFAULTS["digits"][i], DATASET_DEFAULTS["cifar10"][i]
+    text = "by --dataset: " + ", ".join(parts) + f", imagefolder {small} for images under {SMALL_IMAGE} px, else {large}"
+    return text + ("; with --model given, that model's own" if field == "width" else "")
+
+
 def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """One --flag per dataclass field, help from its config.py comment; bools get --flag / --no-flag."""
     comments = _field_comments(cls)
@@ -64,10 +83,12 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
         dest = prefix + f.name
-        default = f.default
+        default, shown = CLI_DEFAULTS.get(dest, (f.default, f.default))
+        if cls is Config and f.name in ("model", "width", "epochs"):
+            shown = by_dataset(f.name)
         text = HELP.get(prefix + f.name) or comments.get(f.name, "")
-        help_ = text.replace("%", "%%") + (f" (default {default:.4g})" if isinstance(default, float) and
-                                            not isinstance(default, bool) else f" (default {default})")
+        help_ = text.replace("%", "%%") + (f" (default {shown:.4g})" if isinstance(shown, float) and
+                                            not isinstance(shown, bool) else f" (default {shown})")
         if isinstance(default, bool) or f.type in ("bool", "bool | None"):
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.type in ("int", "int | None"):
@@ -109,6 +130,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values = vars(args)
     apart = ApartConfig(**{f.name: values["apart_" + f.name] for f in dataclasses.fields(ApartConfig)})
     kw = {f.name: values[f.name] for f in dataclasses.fields(Config) if f.name != "apart"}
+    if kw["out"] is not None and kw["out"].lower() == "none":  # --out none: save nothing (./none is a folder named none)
+        kw["out"] = None
     return Config(apart=apart, **kw)
 
 
@@ -125,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"only {may_change} and --no-progress may change (--epochs only upwards)")
     t.add_argument("--overwrite", action="store_true",
                    help=f"replace the run already in --out (kept in --out/{BACKUP}/ until the new run has finished an epoch)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bars and no log lines: errors and the final JSON only (without a terminal, "
+                        "bars are off anyway and the log is one line per epoch)")
 
     e = sub.add_parser("eval", help="clean, PGD, CW-loss PGD and AutoAttack accuracy of a checkpoint; sanity checks; "
                                     "robustness curves")
@@ -237,6 +262,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "demo":
         return _demo(args)
     module = {name: module for name, module, _ in EXTENSIONS}[args.command]
+    args.argv = argv
     return importlib.import_module(module).run(args)
 
 
@@ -277,6 +303,9 @@ def _train(args: argparse.Namespace) -> int:
                 changed=args.given if args.resume else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(json.dumps({k: v for k, v in res.items() if k not in ("model", "model_ema", "history")}, indent=2))
+        if not args.no_progress:
+            saved = f"the run is in {res['out']}" if res["out"] else "--out none: nothing was saved"
+            print(f"apart-fast: {saved}", file=sys.stderr)
     return 0
 
 

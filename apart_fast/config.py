@@ -11,11 +11,17 @@ METHODS = ("clean", "fgsm", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apa
 MODELS = ("preact18", "wrn34_10", "smallcnn")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-APART_SCHEDULES = ("auto", "script")
+APART_SCHEDULES = ("auto", "script", "full")
 SHORTCUTS = ("act", "raw")
 SCRIPT_STEPS = 30 * 391  # length of the APART script's run (30 epochs of 391 steps), for which its generator lr was tuned
 SCRIPT_LR, SCRIPT_STEP_SIZE = 5e-8, 1e-4  # the script's generator lr peak and initial a_init, a_in
-AUTO_INIT, AUTO_IN = 0.5, 1.0  # schedule auto: a_init and a_in start at these fractions of eps (chosen by measurement, README)
+SCRIPT_WEIGHT_DECAY = 400.0  # the script's L2 penalty lambda on the step sizes
+SCRIPT_EPS = 0.031  # the script's training eps: the unit its constants are expressed in (see ApartConfig)
+FULL_INIT, FULL_IN = 0.5, 1.0  # schedule full (the previous default): a_init and a_in start at these fractions of eps
+AUTO_SPEED = 1.0  # schedule auto: the generator's lr x steps relative to the script's, in units of eps (README)
+# schedule auto's L2 penalty at the script's eps: the penalty the authors' run had in effect (APART.md step 7: PyTorch 1.3's
+# model SGD added lr 0.2 x wd 2e-4 of decay to the generator's 5e-8 x 400, so a* = G / 1200), in units of eps below
+AUTO_WEIGHT_DECAY = SCRIPT_WEIGHT_DECAY
 
 
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
@@ -24,6 +30,16 @@ MAX_INT = 2**31 - 1  # integer settings above this are typos (and overflow seeds
 # reported, not what it learns up to its checkpoint. ``epochs`` may only grow; ``lr`` rescales the
 # rest of the model's cyclic schedule (to continue with a lower peak after --max-faults stopped it).
 RESUME_MAY_CHANGE = ("epochs", "lr", "max_faults", "log_interval", "eval_every", "backend")
+# What --model, --width and --epochs default to (Config's None) on each dataset: (model, width, epochs). CIFAR
+# takes the paper's setting, digits the CPU demo's; imagefolder takes digits' for images under SMALL_IMAGE
+# pixels on a side (the 8x8-to-16x16 scale SmallCNN suits), CIFAR's otherwise.
+DATASET_DEFAULTS: dict[str, tuple[str, int, int]] = {
+    "digits": ("smallcnn", 16, 15),
+    "synthetic": ("smallcnn", 16, 10),
+    "cifar10": ("preact18", 64, 30),
+    "cifar100": ("preact18", 64, 30),
+}
+SMALL_IMAGE = 32
 
 
 class ConfigError(ValueError):
@@ -62,6 +78,16 @@ def _check_types(obj: object, prefix: str) -> None:
         object.__setattr__(obj, f.name, v)
 
 
+def dataset_defaults(dataset: str, image_size: tuple[int, int] | None = None) -> tuple[str, int, int] | None:
+    """(model, width, epochs) of a run on ``dataset`` that sets none of them; imagefolder's depend on the
+    image size (HxW), so they are None until it is known."""
+    if dataset == "imagefolder":
+        if image_size is None:
+            return None
+        return DATASET_DEFAULTS["digits" if min(image_size) < SMALL_IMAGE else "cifar10"]
+    return DATASET_DEFAULTS.get(dataset)
+
+
 def check_budget(flag: str, v: float) -> None:
     """Raise ConfigError unless the L-inf budget ``v`` given as ``flag`` is in (0, 1] (images are in [0,1])."""
     if not 0 < v <= 1:
@@ -70,7 +96,7 @@ def check_budget(flag: str, v: float) -> None:
 
 @dataclass
 class ApartConfig:
-    """APART's generator; defaults are the authors' released script (see ../shared/APART.md).
+    """APART's generator (see ../shared/APART.md); ``schedule`` fills the settings left at None (``resolve``).
 
     Why the step sizes cannot run away: they ascend ``L2 - (lambda/2) * a^2`` (lambda =
     ``weight_decay``), whose gradient ``dL2/da - lambda*a`` vanishes at ``a = (dL2/da) / lambda``.
@@ -81,35 +107,84 @@ class ApartConfig:
     clamps ``|a|`` after every update as a last resort, and a non-finite gradient skips the
     update altogether (see apart_fast/step/guard.py).
 
-    ``schedule`` fills the values left at None (``resolve``): ``script`` takes the script's
-    (a_init = a_in = 1e-4, lr 5e-8), tuned for its 30 x 391 steps; ``auto`` keeps lr x steps equal to
-    the script's (lr = 5e-8 x 11,730 / steps) and starts a_init at eps/2 and a_in at eps, so a run of
-    any length trains against a perturbation of useful size from its first epoch (README: the rules compared).
+    Schedules (README, "The default rule"):
+
+    - ``auto`` (default): the script's generator expressed in units of eps, so that it carries over to
+      any eps, image size and run length. With ``u = a / eps`` the update ``a += lr (dL/da - lambda a)``
+      reads ``u += (lr / eps^2) (g - lambda eps^2 u)`` where ``g = eps dL/da`` is the loss gained by a
+      full-eps step (nats; the same order for 8x8 digits and 32x32 CIFAR). ``auto`` holds the script's
+      ``lambda eps^2`` and ``lr / eps^2 x steps`` (at eps 0.031 and 11,730 steps it *is* the script's
+      lambda and lr), times ``AUTO_SPEED``, and starts at the script's 1e-4 in the same units; the
+      step sizes then grow under their gradient towards ``u* = g / (lambda eps^2)``.
+    - ``script``: the script's constants as they are (a_init = a_in = 1e-4, lr 5e-8, lambda 400).
+    - ``full``: the previous default, kept for comparison: a_init = eps/2 and a_in = eps from the first
+      step, lr x steps = the script's in image units, lambda 400 (the stored sign at full strength).
     """
 
-    schedule: str = "auto"  # auto: lr x steps = the script's, a_init = eps/2, a_in = eps at the start; script: the script's
+    schedule: str = "auto"  # auto: the script's generator in units of eps (README); script: its constants; full: eps/2, eps at once
     a_init: float | None = None  # initial scale of the stored initialisation (image units); None: by --apart-schedule
     a_in: float | None = None  # initial input step size (image units); None: by --apart-schedule
     a_layer: float = 0.0  # initial step size of every block's layer perturbation
+    a_layers: str | None = None  # comma-separated initial step size of each block in order (overrides --apart-a-layer)
     omega_std: float = 1e-3  # std of the N(0, std^2) noise the per-example store starts from
     lr: float | None = None  # peak of the generator's cyclic lr (0 -> lr -> 0); None: by --apart-schedule
-    weight_decay: float = 400.0  # L2 penalty lambda: ascent on L2 - (lambda/2) * sum(a^2)
+    weight_decay: float | None = None  # L2 penalty lambda (image units): ascent on L2 - (lambda/2) * sum(a^2); None: by --apart-schedule
     max_step: float = 1.0  # hard clamp on |a| after every update, a last resort against run-away
     layer_perturb: bool = True  # False: the ablation without layer-wise perturbations
+    store: bool = True  # False: the ablation without the per-example store: every step starts from fresh U(-1, 1) noise
     freeze_bn_pass1: bool = False  # True: pass 1 leaves BatchNorm running statistics untouched
     legacy_model_decay: bool = False  # True: PyTorch 1.3 behaviour, the model's SGD also decays the step sizes
 
     def __post_init__(self) -> None:
         _check_types(self, "--apart-")
 
+    def layer_starts(self, n: int) -> list[float]:
+        """The initial step size of each of ``n`` blocks: ``a_layers`` if given (exactly n values), else ``a_layer`` each."""
+        if self.a_layers is None:
+            return [self.a_layer] * n
+        vals = parse_floats(self.a_layers, "--apart-a-layers")
+        if len(vals) != n:
+            raise ConfigError(f"--apart-a-layers gives {len(vals)} values but the model has {n} perturbed blocks; "
+                              f"pass {n} comma-separated values")
+        return vals
+
     def resolve(self, eps: float, steps: int) -> ApartConfig:
         """A copy with every None filled by ``schedule`` for a run of ``steps`` steps at budget ``eps``."""
-        auto = self.schedule == "auto"
-        init, step = (AUTO_INIT * eps, AUTO_IN * eps) if auto else (SCRIPT_STEP_SIZE, SCRIPT_STEP_SIZE)
-        lr = SCRIPT_LR * SCRIPT_STEPS / max(int(steps), 1) if auto else SCRIPT_LR
+        steps = max(int(steps), 1)
+        if self.schedule == "auto":
+            unit = (eps / SCRIPT_EPS) ** 2  # the script's constants are in units of its eps, 0.031
+            init = step = SCRIPT_STEP_SIZE * eps / SCRIPT_EPS
+            lr, wd = AUTO_SPEED * SCRIPT_LR * SCRIPT_STEPS / steps * unit, AUTO_WEIGHT_DECAY / unit
+        elif self.schedule == "full":
+            init, step = FULL_INIT * eps, FULL_IN * eps
+            lr, wd = SCRIPT_LR * SCRIPT_STEPS / steps, SCRIPT_WEIGHT_DECAY
+        else:
+            init = step = SCRIPT_STEP_SIZE
+            lr, wd = SCRIPT_LR, SCRIPT_WEIGHT_DECAY
         return dataclasses.replace(self, a_init=min(init, self.max_step) if self.a_init is None else self.a_init,
                                    a_in=min(step, self.max_step) if self.a_in is None else self.a_in,
-                                   lr=lr if self.lr is None else self.lr)
+                                   lr=lr if self.lr is None else self.lr,
+                                   weight_decay=wd if self.weight_decay is None else self.weight_decay)
+
+
+def fraction(text: str, flag: str) -> float:
+    """A number, also written as a fraction such as ``8/255``; ConfigError naming ``flag`` otherwise."""
+    try:
+        num, _, den = text.strip().partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{flag} {text!r} is not a number (e.g. 0.03 or 8/255)") from None
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """Comma-separated numbers (``0.01,0.02``) as floats; ConfigError naming ``flag`` otherwise."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of numbers (e.g. 0.01,0.02)") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"{flag} {text!r} holds a value that is not finite; pass real numbers")
+    return vals
 
 
 @dataclass
@@ -119,10 +194,10 @@ class Config:
     method: str = "apart"
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str = "smallcnn"
-    width: int | None = None  # first stage's channels (preact18: 64 is the paper's)
+    model: str | None = None  # architecture; None: the dataset's (config.DATASET_DEFAULTS)
+    width: int | None = None  # first stage's channels (preact18: 64 is the paper's); None: the dataset's with its model, else the model's
     shortcut: str = "act"  # projection shortcut's input: act = relu(bn1(x)) (the common PreAct block), raw = x (APART script)
-    epochs: int = 10
+    epochs: int | None = None  # passes over the training data; None: the dataset's
     batch_size: int = 128
     keep_last_batch: bool = False  # train on the last partial batch too (the APART script's 391 steps per epoch)
     train_subset: int | None = None  # train on a seeded random N-image subset of the training split; None: all of it
@@ -158,7 +233,7 @@ class Config:
     backend: str = "auto"  # perturbation-op backend: auto, torch, cpp, triton, cuda
     log_interval: int = 50  # steps between reads of the on-device running metrics and fault flags
     max_faults: int = 10  # stop the run after this many skipped non-finite steps
-    out: str | None = None
+    out: str | None = None  # output folder; None: save nothing; "auto": a fresh runs/<method>-<dataset>-<date-time>/
     # Speed (none of these changes what is computed beyond float rounding):
     amp: str = "auto"  # autocast: auto (bf16 on CUDA devices that support it, else none), none, bf16, fp16 (loss-scaled)
     cuda_graphs: bool | None = None  # capture the steady-state step in a CUDA graph; None: on for CUDA when the method can
@@ -185,7 +260,7 @@ class Config:
                     raise ConfigError(f"{flag} {v} is too large (at most {MAX_INT}); pass a smaller value")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.model not in MODELS:
+        if self.model is not None and self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -193,7 +268,7 @@ class Config:
         if self.eval_eps is not None:
             check_budget("--eval-eps", self.eval_eps)
         for name in ("epochs", "batch_size", "free_replays", "eval_every", "log_interval", "max_faults", "final_eval_restarts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         for name in ("lr", "pgd_step", "eval_step", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
@@ -219,6 +294,11 @@ class Config:
                 raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} is negative; step sizes and rates are >= 0")
         if not a.max_step > 0:
             raise ConfigError(f"--apart-max-step {a.max_step} must be positive; it is the hard clamp on |step size|")
+        if a.a_layers is not None:
+            vals = parse_floats(a.a_layers, "--apart-a-layers")
+            if any(abs(v) > a.max_step for v in vals):
+                raise ConfigError(f"--apart-a-layers {a.a_layers} holds a value above --apart-max-step {a.max_step}; "
+                                  "lower it or raise the clamp")
         for name in ("a_init", "a_in", "a_layer"):
             if getattr(a, name) is not None and getattr(a, name) > a.max_step:
                 raise ConfigError(f"--apart-{name.replace('_', '-')} {getattr(a, name)} exceeds --apart-max-step "
@@ -243,14 +323,21 @@ class Config:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         return self
 
-    def resolved(self) -> Config:
-        """The config (a copy, if any is missing) with the attack settings left at None filled from ``eps``: ``pgd_step`` = eps/4,
-        ``eval_eps`` = eps, ``eval_step`` = eval_eps/4, so a run at another budget is trained and scored at it."""
-        if None not in (self.pgd_step, self.eval_eps, self.eval_step):
-            return self
+    def resolved(self, image_size: tuple[int, int] | None = None) -> Config:
+        """The config (a copy, if anything is filled) with the settings left at None filled in.
+
+        The attack settings from ``eps``: ``pgd_step`` = eps/4, ``eval_eps`` = eps, ``eval_step`` = eval_eps/4,
+        so a run at another budget is trained and scored at it. ``model``, ``width`` (with a defaulted model
+        only) and ``epochs`` from ``dataset_defaults`` (imagefolder's once ``image_size``, HxW, is given).
+        """
         eval_eps = self.eps if self.eval_eps is None else self.eval_eps
-        return dataclasses.replace(self, pgd_step=self.eps / 4 if self.pgd_step is None else self.pgd_step,
-                                   eval_eps=eval_eps, eval_step=eval_eps / 4 if self.eval_step is None else self.eval_step)
+        fill: dict[str, object] = {"pgd_step": self.eps / 4, "eval_eps": eval_eps, "eval_step": eval_eps / 4}
+        defaults = dataset_defaults(self.dataset, image_size) if None in (self.model, self.epochs) else None
+        if defaults is not None:
+            model, width, epochs = defaults
+            fill.update(model=model, epochs=epochs, width=width if self.model is None else None)
+        changes = {k: v for k, v in fill.items() if getattr(self, k) is None and v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field (JSON- and checkpoint-safe); ``from_dict`` inverts it."""

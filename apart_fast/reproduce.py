@@ -72,9 +72,10 @@ PRESETS: dict[str, Preset] = {
     # The authors' run (their released script, ../shared/APART.md): CIFAR-10, their PreAct ResNet-18 (width 64,
     # projection shortcut from the raw block input), 30 epochs of batch 128 keeping the last partial batch
     # (391 steps), cyclic lr 0 -> 0.2 -> 0, training eps 0.031, evaluation eps 8/255, fp32, APART's generator
-    # exactly the script's (schedule script, PyTorch 1.3's extra decay of the step sizes by the model's SGD).
-    # Needs a GPU (~hours of CPU per epoch).
-    "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 0.031, None, None, 1000, 10, 20, 60, METHODS,
+    # exactly the script's (schedule script, PyTorch 1.3's extra decay of the step sizes by the model's SGD); every
+    # one of the 50,000 training images is trained on (391 steps per epoch, 11,730 in all: no validation slice) and
+    # the last model is scored, as the authors did. Needs a GPU (~hours of CPU per epoch).
+    "paper": Preset("cifar10", "preact18", 64, 30, 128, 0.2, 0.031, None, None, 0, 10, 20, 60, METHODS,
                     CIFAR_JPEG, needs_gpu=True, eval_eps=8 / 255, pgd_step=2 / 255, shortcut="raw", keep_last_batch=True, amp="none",
                     apart_schedule="script", legacy_model_decay=True),
     # The reduced CPU setting (2 cores, < 1 hour for the paper's six methods on an idle VM; N-FGSM costs what FGSM-RS does and
@@ -83,7 +84,7 @@ PRESETS: dict[str, Preset] = {
     # (248 steps), cyclic lr to 0.2, eps 8/255; per epoch PGD-10 on 256 validation images (training split,
     # held out of training: 3,744 are trained on); final PGD-20
     # and CW PGD-20 on a random 500-image test subset. --long-fgsm adds 20-epoch FGSM and APART runs.
-    # APART at its defaults (schedule auto: a_init eps/2, a_in eps, generator lr scaled to the run).
+    # APART at its defaults (schedule auto: the script's generator in units of eps, README "The default rule").
     "cpu": Preset("cifar10", "preact18", 8, 8, 128, 0.2, 8 / 255, 4000, 500, 256, 10, 20, 20, METHODS, CIFAR_JPEG),
     # A smoke test: synthetic 16x16 data, a width-4 small CNN, one epoch, two methods (seconds).
     # AutoAttack there is cut to 5 iterations and 50 Square queries on 32 points (not the standard version).

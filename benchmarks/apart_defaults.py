@@ -19,36 +19,43 @@ import sys
 
 import torch
 
-from apart_fast.config import SCRIPT_LR, SCRIPT_STEPS, ApartConfig, Config
+from apart_fast.config import ApartConfig, Config
 from apart_fast.engine.loop import train
 from apart_fast.experiments import demo_config, evaluate_checkpoint
 
 
 def candidates(eps: float, steps: int) -> dict[str, tuple[str, ApartConfig]]:
-    """Rule name -> (method, generator) for a run of ``steps`` steps. ``auto`` lr: lr x steps = the script's."""
-    half, auto_lr = eps / 2, SCRIPT_LR * SCRIPT_STEPS / steps
+    """Rule name -> (method, generator) for a run of ``steps`` steps at budget ``eps``."""
+    auto = ApartConfig().resolve(eps, steps)  # the default: the script's generator in units of eps
+    full = ApartConfig(schedule="full").resolve(eps, steps)
     return {
         "clean": ("clean", ApartConfig()),
         "fgsm_rs": ("fgsm_rs", ApartConfig()),
-        "script": ("apart", ApartConfig(schedule="script")),  # 1e-4 start, lr 5e-8
-        "lr_only": ("apart", ApartConfig(a_init=1e-4, a_in=1e-4)),  # lr scaled, the script's start
-        "start_only": ("apart", ApartConfig(schedule="script", a_init=half, a_in=eps)),  # the default start, the script's lr
-        "eps4": ("apart", ApartConfig(a_init=eps / 4, a_in=eps / 4)),
-        "eps2": ("apart", ApartConfig(a_init=half, a_in=half)),
-        "eps2_in1": ("apart", ApartConfig()),  # the default: schedule auto (a_init eps/2, a_in eps, lr scaled)
-        "eps1": ("apart", ApartConfig(a_init=eps, a_in=eps)),
-        "eps2_in1_lr10": ("apart", ApartConfig(lr=10 * auto_lr)),
+        "nfgsm": ("nfgsm", ApartConfig()),
+        "script": ("apart", ApartConfig(schedule="script")),  # the script's constants: 1e-4 start, lr 5e-8, lambda 400
+        "full": ("apart", ApartConfig(schedule="full")),  # the previous default: eps/2, eps from the start, lambda 400
+        "full_frozen": ("apart", ApartConfig(schedule="full", lr=0.0)),  # ... with the generator frozen: the stored sign
+        "auto": ("apart", ApartConfig()),  # the default
+        "auto_frozen": ("apart", ApartConfig(lr=0.0)),  # the default's start, frozen (nearly clean training)
+        **{f"auto_x{k}": ("apart", ApartConfig(lr=k * auto.lr)) for k in (2, 4, 8, 16)},  # faster clocks
+        **{f"auto_x{k}_s10": ("apart", ApartConfig(lr=k * auto.lr, a_init=eps / 10, a_in=eps / 10)) for k in (1, 4)},
+        "auto_x4_wd4": ("apart", ApartConfig(lr=4 * auto.lr, weight_decay=4 * auto.weight_decay)),
+        "auto_wd3": ("apart", ApartConfig(weight_decay=3 * auto.weight_decay)),  # the authors' effective penalty (~1200)
+        "full_lam_auto": ("apart", ApartConfig(schedule="full", lr=auto.lr, weight_decay=auto.weight_decay)),
+        "full_lr_auto": ("apart", ApartConfig(schedule="full", lr=full.lr * 4)),
     }
 
 
-def config(setting: str, rule: str, data_dir: str | None, out: str) -> Config:
+def config(setting: str, rule: str, data_dir: str | None, out: str, eps: float | None = None, seed: int = 0) -> Config:
     """The run's Config for one rule in one setting."""
     if setting == "digits":
-        cfg = demo_config("clean", 15, "cpu", 0)
+        cfg = demo_config("clean", 15, "cpu", seed)
     else:
         cfg = Config(dataset="cifar10", data_dir=data_dir, model="preact18", width=16, epochs=10, train_subset=2560,
-                     final_eval_steps=0, device="cpu")
+                     final_eval_steps=0, device="cpu", seed=seed)
     cfg.eval_n, cfg.out = 0, out
+    if eps is not None:
+        cfg.eps = eps
     n_train = 1438 if setting == "digits" else 2560  # no validation slice: the whole (sub)split is trained on
     cfg.method, cfg.apart = candidates(cfg.eps, cfg.epochs * (n_train // cfg.batch_size))[rule]
     return cfg.resolved()
@@ -61,20 +68,25 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
     p.add_argument("--out", required=True, help="JSON lines file (appended)")
     p.add_argument("--runs", default="runs/apart_defaults", help="folder for the runs' checkpoints")
+    p.add_argument("--eps", type=float, help="training and evaluation eps (default: the setting's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=1000, help="cifar: seeded test subset scored")
     args = p.parse_args()
     torch.set_num_threads(1)
     for rule in args.rules:
-        run_dir = f"{args.runs}/{args.setting}_{rule}"
-        cfg = config(args.setting, rule, args.data_dir, run_dir)
+        tag = f"_eps{round(args.eps * 255)}" if args.eps else ""
+        run_dir = f"{args.runs}/{args.setting}{tag}_{rule}_s{args.seed}"
+        cfg = config(args.setting, rule, args.data_dir, run_dir, args.eps, args.seed)
         res = train(cfg, overwrite=True, progress=False)
-        n = None if args.setting == "digits" else 1000
+        n = None if args.setting == "digits" else args.n_test
         ev = evaluate_checkpoint(f"{run_dir}/model.pt", dataset=cfg.dataset, data_dir=cfg.data_dir, eps=cfg.eval_eps,
-                                 step=cfg.eval_step, steps=20, loss="ce", n=n, device="cpu")
-        last = res["history"][-1]
-        row = {"setting": args.setting, "rule": rule, "method": cfg.method, "generator": res.get("apart"),
-               "clean": ev["clean_acc"], "pgd20": ev["pgd_ce_acc"], "se": math.sqrt(ev["pgd_ce_acc"] * (1 - ev["pgd_ce_acc"]) / ev["n"]),
-               "n_test": ev["n"], "train_s": round(res["train_seconds"], 1),
-               "end_step_sizes": {k: round(v, 5) for k, v in last.items() if k.startswith("a_")}}
+                                 step=cfg.eval_step, steps=20, loss="both", n=n, device="cpu", progress=False)
+        worst = min(ev["pgd_ce_acc"], ev["pgd_cw_acc"])
+        row = {"setting": args.setting, "eps": cfg.eps, "seed": args.seed, "rule": rule, "method": cfg.method,
+               "generator": res.get("apart"), "clean": ev["clean_acc"], "pgd20": ev["pgd_ce_acc"], "cw20": ev["pgd_cw_acc"],
+               "worst": worst, "se": math.sqrt(worst * (1 - worst) / ev["n"]), "n_test": ev["n"],
+               "train_s": round(res["train_seconds"], 1),
+               "step_sizes": [{k: round(v / cfg.eps, 4) for k, v in h.items() if k.startswith("a_")} for h in res["history"]]}
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), file=sys.stderr, flush=True)

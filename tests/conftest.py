@@ -5,7 +5,10 @@ module imports a kernel.
 """
 
 import os
+import re
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +28,17 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_runs_left_in_the_working_folder() -> Iterator[None]:
+    """A CLI train without --out writes runs/<method>-<dataset>-<date-time>/ into the working folder (the
+    repository): fail the session if a test did, so every test passes --out DIR or --out none."""
+    runs, start = Path.cwd() / "runs", time.time() - 1
+
+    def made() -> list[str]:
+        return sorted(p.name for p in runs.glob("*-*-*") if re.search(r"-\d{8}-\d{6}(-\d+)?$", p.name)
+                      and p.stat().st_mtime >= start) if runs.is_dir() else []
+
+    yield
+    assert not made(), f"tests wrote {runs}/{made()}: pass --out DIR (a tmp_path) or --out none"

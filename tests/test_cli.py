@@ -136,7 +136,7 @@ def test_damaged_checkpoint_is_one_line_error(damage, trained, tmp_path, capsys)
     else:
         raw = b""
     (run / "checkpoint.pt").write_bytes(raw)
-    needle = {"truncate": "truncated", "flip": "checksum", "foreign": "not an apart_fast checkpoint",
+    needle = {"truncate": "truncated", "flip": "corrupted", "foreign": "not an apart_fast checkpoint",
               "empty": "not an apart_fast checkpoint"}[damage]
     fails(["train", "--resume", str(run)], capsys, str(run / "checkpoint.pt"), needle)
     fails(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--dataset", "synthetic", "--steps", "1"], capsys,

@@ -45,3 +45,37 @@ def test_trained_model_comes_back_without_gradients():
     res = train(Config(method="fgsm_rs", dataset="synthetic", model="smallcnn", width=4, epochs=1, eval_n=0,
                        final_eval_steps=0, device="cpu"), progress=False)
     assert all(p.grad is None for p in res["model"].parameters())
+
+
+
+def test_training_cpu_time_leaves_out_what_happens_outside_the_process(monkeypatch):
+    """A step stalled outside the process (a sleep: wall time passes, no CPU time) adds to train_seconds only."""
+    import time
+
+    from apart_fast.methods.clean import Clean
+
+    perturb = Clean.perturb
+    monkeypatch.setattr(Clean, "perturb", lambda self, batch: (time.sleep(0.1), perturb(self, batch))[1])
+    monkeypatch.setenv("APART_FAST_PROBE", "0")
+    res = train(Config(method="clean", dataset="synthetic", width=4, batch_size=64, epochs=1, eval_n=0, final_eval_steps=0,
+                       device="cpu"), progress=False)
+    assert res["train_seconds"] > 1.5 and res["train_cpu_seconds"] < res["train_seconds"] - 1.2, res
+
+
+def test_demo_cost_column_divides_cpu_times_so_a_busy_machine_does_not_skew_it(monkeypatch):
+    """The demo's runs are made one after another: a run slowed by other jobs (wall time up, CPU time not) keeps its cost."""
+    import apart_fast.engine.loop as loop
+    from apart_fast.experiments import demo, format_table
+
+    times = {"clean": (30.0, 1.0), "pgd": (10.0, 8.0)}  # (wall, CPU) seconds: clean ran beside another job
+
+    def fake_train(cfg, **kw):
+        wall, cpu = times[cfg.method]
+        return {"test_clean_acc": 0.9, "test_robust_acc": 0.1, "train_seconds": wall, "train_cpu_seconds": cpu,
+                "eval": "PGD-20x1", "device": "cpu"}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    rows = demo(["clean", "pgd"], epochs=1, device="cpu")
+    assert [(r["seconds"], r["vs_pgd10"]) for r in rows] == [(30.0, 0.125), (10.0, 1.0)]
+    table = format_table(rows)
+    assert "| clean | 0.900 | 0.100 | 30.0 | 0.12x |" in table and "cost vs PGD-10: training's process CPU time" in table

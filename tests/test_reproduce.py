@@ -96,6 +96,7 @@ def test_presets_use_the_default_rule_and_paper_the_scripts_run():
     paper = method_config("apart", PRESETS["paper"], epochs=30, width=64, n_train=50000, device="cpu", seed=0,
                           data_dir=None, out=None)
     assert paper.apart.schedule == "script" and paper.apart.legacy_model_decay
+    assert paper.eval_n == 0  # the authors trained on all 50,000 images (391 steps an epoch) and scored the last model
     assert (paper.eps, paper.eval_eps, paper.shortcut, paper.keep_last_batch, paper.amp) == (0.031, 8 / 255, "raw", True, "none")
     g = paper.apart.resolve(paper.eps, 30 * 391)
     assert (g.a_init, g.a_in, g.lr, g.weight_decay) == (1e-4, 1e-4, 5e-8, 400.0)

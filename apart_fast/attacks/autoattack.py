@@ -146,7 +146,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, *, 
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="AutoAttack", unit="batch")
+        starts = tqdm(starts, desc="AutoAttack", unit="batch", disable=None)  # None: no bar without a terminal
     with eval_mode(model), frozen_parameters(model), isolated_rng(dev):
         for i in starts:
             xb = xf[i : i + batch_size].to(dev).detach()

@@ -338,7 +338,8 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc="evaluate", unit="batch")
+        starts = tqdm(starts, total=(n + batch_size - 1) // batch_size, desc="evaluate", unit="batch",
+                      disable=None)  # None: no bar when stderr is not a terminal (CI, nohup, a pipe)
     clean = torch.zeros((), dtype=torch.long, device=dev)
     robust = torch.zeros((), dtype=torch.long, device=dev)
     with eval_mode(model), strict_fp32(dev):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from apart_fast.bench.env import environment, timestamp
 from apart_fast.bench.launches import count_launches
-from apart_fast.config import METHODS, Config, ConfigError
+from apart_fast.config import METHODS, ApartConfig, Config, ConfigError
 from apart_fast.data import Batch, ImageData, load_dataset
 
 # Benchmark precision -> the engine's --amp mode (autocast around the forward passes; fp16 loss-scaled).
@@ -118,13 +118,13 @@ def load_bench_data(opts: CostOptions) -> ImageData:
     return data
 
 
-def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
-    """The engine Config of one method under the benchmark's shared settings."""
+def method_config(opts: CostOptions, method: str, epochs: int = 1, apart: dict[str, Any] | None = None) -> Config:
+    """The engine Config of one method under the benchmark's shared settings (``apart``: ApartConfig overrides)."""
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
                   cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile,
-                  compile_backend=opts.compile_backend, ema=opts.ema).validate()
+                  compile_backend=opts.compile_backend, ema=opts.ema, apart=ApartConfig(**(apart or {}))).validate()
 
 
 class _Memory:
@@ -202,16 +202,17 @@ def summarize(times: list[float]) -> dict[str, float]:
 class _Timed:
     """One method's Run, its batch stream and its collected step times."""
 
-    def __init__(self, opts: CostOptions, method: str, data: ImageData, device: torch.device) -> None:
+    def __init__(self, opts: CostOptions, method: str, data: ImageData, device: torch.device, name: str | None = None,
+                 apart: dict[str, Any] | None = None) -> None:
         from apart_fast.engine.loop import Run
 
-        self.name, self.device = method, device
+        self.name, self.device = name or method, device
         n_train = int(data.train_x.shape[0])
         per_pass = n_train // opts.batch_size
         divisor = opts.free_replays if method == "free" else 1
         total = opts.warmup + opts.steps * opts.rounds
         # enough epochs that the lr schedule spans every measured step (it only sets lr and momentum)
-        cfg = method_config(opts, method, epochs=divisor * max(1, math.ceil(total / max(per_pass, 1))))
+        cfg = method_config(opts, method, epochs=divisor * max(1, math.ceil(total / max(per_pass, 1))), apart=apart)
         self.memory = _Memory(device)
         self.memory.start()
         self.run = Run(cfg, data=data)
@@ -248,12 +249,15 @@ class _Timed:
             self.peak_bytes = self.memory.peak()
 
 
-def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], str]:
-    """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name."""
+def measure(opts: CostOptions, data: ImageData,
+            variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name.
+    ``variants``: more rows, name -> (method, ApartConfig overrides), e.g. APART's ablations."""
     from apart_fast.engine.loop import resolve_device
 
     device = resolve_device(opts.device)
-    total = len(opts.methods) * (opts.warmup + opts.steps * opts.rounds)
+    todo = [(m, m, None) for m in opts.methods] + [(name, m, over) for name, (m, over) in (variants or {}).items()]
+    total = len(todo) * (opts.warmup + opts.steps * opts.rounds)
     bar = tqdm(total=total, desc="bench cost", unit="step", disable=not opts.progress, dynamic_ncols=True)
     timed: list[_Timed] = []
     if device.type == "cpu":  # one throwaway step first, so one-time library allocations do not count as memory
@@ -261,9 +265,9 @@ def measure(opts: CostOptions, data: ImageData) -> tuple[list[dict[str, Any]], s
         prime.steps(1, record=False, bar=tqdm(disable=True))
         del prime
     try:
-        for m in opts.methods:  # round 1 builds each Run in turn and measures its memory
-            bar.set_description(f"bench cost: {m}")
-            t = _Timed(opts, m, data, device)
+        for name, m, over in todo:  # round 1 builds each Run in turn and measures its memory
+            bar.set_description(f"bench cost: {name}")
+            t = _Timed(opts, m, data, device, name=name, apart=over)
             t.steps(opts.warmup, record=False, bar=bar)
             t.steps(opts.steps, record=True, bar=bar)
             t.finish_memory()

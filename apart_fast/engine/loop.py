@@ -90,6 +90,7 @@ from apart_fast.step.optim import DeviceSGD, FusedSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+AUTO_OUT = "auto"  # Config.out (the CLI's default): a fresh folder named by auto_out_dir
 
 
 def auto_device(name: str) -> str:
@@ -150,6 +151,16 @@ def check_free_space(path: Path, need: int, flag: str = "--out") -> None:
     if free < need:
         raise ConfigError(f"{flag} {path}: {free / 2**20:.1f} MiB free on its disk but this run's checkpoints need about "
                           f"{need / 2**20:.1f} MiB; free some space or pass a folder on another disk")
+
+
+def auto_out_dir(cfg: Config, root: Path = Path("runs")) -> str:
+    """A fresh folder for a run given no output folder: ``runs/<method>-<dataset>-<date-time>``, with -2, -3... if taken."""
+    base = root / f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
 
 
 def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
@@ -324,7 +335,8 @@ class Run:
 
     def __init__(self, cfg: Config, data: ImageData | None = None, model: nn.Module | None = None,
                  comm: Comm | None = None, device: str | None = None) -> None:
-        cfg = cfg.validate().resolved()
+        unset = [k for k in ("model", "width", "epochs") if getattr(cfg, k) is None and (model is None or k == "epochs")]
+        cfg = cfg.validate().resolved()  # model, width, epochs: the dataset's unless set (imagefolder's below, by size)
         self.cfg = cfg
         self.comm = comm if comm is not None else LOCAL
         self.device = resolve_device(device if device is not None else cfg.device)
@@ -333,6 +345,8 @@ class Run:
         self.data_from_config = data is None  # False: the caller's data, which eval cannot reload from the config
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         d = self.data
+        cfg = self.cfg = cfg.resolved(d.image_size)
+        self.defaulted = [k for k in unset if getattr(cfg, k) is not None]  # for the first log line
         self.data_info = data_fingerprint(d)
         pick = random_subset(int(d.train_x.shape[0]), cfg.train_subset, cfg.seed)
         if pick is not None:
@@ -419,6 +433,7 @@ class Run:
         self.step_in_epoch = 0  # completed steps of the epoch in progress (0 at a boundary)
         self.step_count = 0  # completed steps of the run
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0  # process CPU time of the training steps (other jobs on the machine do not add to it)
         self.best_robust, self.best_epoch = -1.0, 0  # validation robust accuracy of model_best.pt
         self.buffers = BufferGuard(self.model)
         gens = [self.method.generator] if cuda else []
@@ -463,6 +478,7 @@ class Run:
             "epoch_sums": dict(self._sums) if mid else {},
             "faults": self.faults.state_dict(),
             "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "best": [self.best_robust, self.best_epoch],
             "precision": self.precision.state_dict(),
             "world": self.comm.world,
@@ -514,6 +530,7 @@ class Run:
         self.faults_before = self.faults.total
         self.saved_at = (self.epoch, self.step_in_epoch, self.step_count)
         self.train_seconds = float(state["train_seconds"])
+        self.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))  # absent from checkpoints before it
         self.best_robust, self.best_epoch = float(state["best"][0]), int(state["best"][1])
         if "precision" in state:
             self.precision.load_state_dict(state["precision"])
@@ -527,6 +544,16 @@ class Run:
         ranks = state.get("rank_states") or []
         if self.comm.world > 1 or len(ranks) > 1:
             self.method.load_rank_state(ranks[self.comm.rank] if self.comm.rank < len(ranks) else None)
+
+    def describe(self, out: Path | None) -> str:
+        """Model, width and epochs (naming those that are the dataset's defaults) and the output folder, for the log."""
+        kw = self.model_config["kwargs"] if self.model_config is not None else {}
+        name = self.cfg.model if self.model_config is not None else f"your {type(self.model).__name__}"
+        text = f"{name} width {kw['width']}" if "width" in kw else f"{name} widen {kw['widen']}" if "widen" in kw else name
+        text += f", {self.cfg.epochs} epoch{'s' if self.cfg.epochs != 1 else ''}"
+        if self.defaulted:
+            text += f" ({'/'.join('--' + k for k in self.defaulted)}: {self.cfg.dataset}'s defaults)"
+        return text + (f"; writing to {out}" if out is not None else "; no output folder (--out none): nothing will be saved")
 
     def model_payload(self, ema: bool = False) -> dict[str, Any]:
         """What ``load_model`` needs: the model's constructor config and weights (``ema``: the averaged ones), plus provenance."""
@@ -579,12 +606,12 @@ class Run:
         sums = self._sums
         n_steps = len(self.loader)
         progress = progress and self.comm.is_main
-        bar = tqdm(self.loader, desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(self.loader, desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                   disable=None if progress else True, dynamic_ncols=True)  # None: no bar when stderr is not a terminal
         sync = self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         stopped = False
         for i, batch in enumerate(bar):
             if i < skip:
@@ -598,7 +625,7 @@ class Run:
                 sums[k] = sums[k] + v if k in sums else v.clone()
             if self.faults.full():
                 self.read_faults()
-            if progress and (i + 1) % self.cfg.log_interval == 0:
+            if not bar.disable and (i + 1) % self.cfg.log_interval == 0:
                 n = max(float(sums["n"]), 1.0)
                 bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}", acc=f"{float(sums['correct']) / n:.3f}")
             if stop is not None and i + 1 < n_steps and self._should_stop(stop, i + 1):
@@ -609,6 +636,7 @@ class Run:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.train_seconds += seconds
+        self.train_cpu_seconds += time.process_time() - cpu0
         self.read_faults()
         if stopped:
             return None
@@ -714,7 +742,7 @@ def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> 
     where = (f"epoch {run.epoch + 1}, step {run.step_in_epoch}/{len(run.loader)}" if run.step_in_epoch
              else f"the end of epoch {run.epoch}")
     if out is None:
-        return TrainingInterrupted(f"interrupted by {name} at {where}; no --out was given, so nothing was saved",
+        return TrainingInterrupted(f"interrupted by {name} at {where}; the run had --out none, so nothing was saved",
                                    stop.exit_code)
     if run.replacing:  # _train puts the run --overwrite was replacing back and says so
         return TrainingInterrupted(f"interrupted by {name} at {where}, before the new run finished its first epoch, "
@@ -815,6 +843,10 @@ def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, 
     """``train`` inside its process group: the validation phase, then the run, with the output folder locked by rank 0
     from the first look at it (a folder that does not exist yet: from its creation) to the end."""
     progress = progress and comm.is_main
+    if cfg.out == AUTO_OUT:
+        if resume:
+            raise ConfigError("--resume needs the run's folder; pass --resume DIR")
+        cfg = dataclasses.replace(cfg, out=comm.broadcast_object(auto_out_dir(cfg) if comm.is_main else None))
     lock = FolderLock(Path(cfg.out), "--resume" if resume else "--out") if cfg.out is not None and comm.is_main else None
     made = _missing_folders(lock.folder) if lock is not None else []
     try:
@@ -904,7 +936,8 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
     if progress:
         amp = run.precision.mode
         tqdm.write(f"apart-fast: {cfg.method} on {run.device} ({_device_name(run.device)}), amp {amp}, "
-                   f"{len(run.loader)} steps/epoch, validation {int(hx.shape[0])} training-split images", file=sys.stderr)
+                   f"{len(run.loader)} steps/epoch, validation {int(hx.shape[0])} training-split images; "
+                   f"{run.describe(out)}", file=sys.stderr)
     stop = StopSignals()
     with stop.installed():
         try:
@@ -916,6 +949,7 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
             if ema is not None:
                 results.update(ema_test_clean_acc=ema["clean_acc"], ema_test_robust_acc=ema["robust_acc"],
                                ema_decay=cfg.ema, ema_warmup=cfg.ema_warmup)
+            results["out"] = str(out) if out is not None else None
             if out is not None and comm.is_main:
                 checkpoint.atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
         except KeyboardInterrupt:  # a second signal, or one during the final evaluation
@@ -935,7 +969,7 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
                 raise
             what = f"{type(err).__name__}: {' '.join(str(err).split())}"
             resume_it = f"; fix the cause and resume with: apart-fast train --resume {out}" if run.saved_at else ""
-            kept = _held(run, out) if out is not None else "no --out was given, so nothing was saved"
+            kept = _held(run, out) if out is not None else "the run had --out none, so nothing was saved"
             raise RunFailedError(f"the run failed at {_position(run)} ({what}); {kept}{resume_it}") from err
     run.model.zero_grad(set_to_none=True)  # the caller's next backward must not add to the last step's gradients
     results["model"] = run.model
@@ -986,6 +1020,7 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
                  "training (validation slice, disjoint from the test split)" if n_val and cfg.eval_steps else
                  "none (no validation slice: --eval-n 0 or no PGD steps)")
     results: dict[str, Any] = {"method": cfg.method, "epochs": run.epochs, "train_seconds": run.train_seconds,
+                               "train_cpu_seconds": run.train_cpu_seconds,
                                "best_epoch": run.best_epoch, "best_holdout_robust_acc": run.best_robust,
                                "selection": selection, "n_train": len(run.train_y), "n_validation": n_val,
                                "passes_per_step": run.method.passes, "steps_per_epoch": len(run.loader),

@@ -4,8 +4,9 @@ The generator is a per-example initialisation store ``omega`` (padded image fram
 crop and flip), an initialisation scale ``a_init``, an input step ``a_in`` and one step ``a_b`` per
 residual block (a ``PerturbSite``). One step is two forward/backward passes; see ../shared/APART.md
 for every equation. ``--apart-schedule script`` is the authors' released script's generator; the default
-``auto`` scales it to the run (``ApartConfig.resolve``). The step sizes are updated by their own optimizer
-only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the model's SGD).
+``auto`` is the same generator in units of eps for any run (``ApartConfig.resolve``). The step sizes are
+updated by their own optimizer only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the
+model's SGD). ``store=False`` is the ablation without the per-example store (fresh U(-1, 1) noise each step).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
+from apart_fast.config import ConfigError
 from apart_fast.methods.base import Method
 from apart_fast.models.sites import applying, find_sites, recording
 from apart_fast.step.guard import conditional_step, gather_grads
@@ -65,26 +67,30 @@ class Apart(Method):
         a = self.gen = self.cfg.apart.resolve(self.cfg.eps, 1)
         self.sites = find_sites(self.model) if a.layer_perturb else []
         if a.layer_perturb and not self.sites:
-            raise ValueError(
+            raise ConfigError(
                 "the model has no PerturbSite; mark the activation feeding each residual block's first conv "
-                "with apart_fast.models.PerturbSite(), or pass --apart-no-layer-perturb"
+                "with apart_fast.models.PerturbSite(), or pass --no-apart-layer-perturb (ApartConfig(layer_perturb=False))"
             )
         dev = self.device
         self.a_init = nn.Parameter(torch.tensor(a.a_init, device=dev))
         self.a_in = nn.Parameter(torch.tensor(a.a_in, device=dev))
-        self.a_layer = nn.Parameter(torch.full((len(self.sites),), a.a_layer, device=dev))
-        info = self.info
-        shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
-        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        store = torch.randn(shape, generator=gen).mul_(a.omega_std)  # in place: one copy on the CPU
-        if info.channels_last:  # the batches' format, so omega_gather's windows need no conversion in the step
-            store = store.contiguous(memory_format=torch.channels_last)
-        self.store = store.to(dev)
+        self.a_layer = nn.Parameter(torch.tensor(a.layer_starts(len(self.sites)), dtype=torch.float32, device=dev))
+        self.store: Tensor | None = self._new_store() if a.store else None
         # Ascent (maximize) on the step sizes, flat: gather, update and keep-or-undo in a few kernels.
         self.gen_optimizer: FlatSGD = FlatSGD(
             self.step_sizes(), lr=0.0, momentum=self.cfg.momentum, weight_decay=a.weight_decay, maximize=True
         )
         self.gen_schedule: CyclicSchedule | DeviceSchedule | None = None
+
+    def _new_store(self) -> Tensor:
+        """The per-example omega store, N(0, omega_std^2) in the padded frame, on the method's device."""
+        info = self.info
+        shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
+        store = torch.randn(shape, generator=gen).mul_(self.cfg.apart.omega_std)  # in place: one copy on the CPU
+        if info.channels_last:  # the batches' format, so omega_gather's windows need no conversion in the step
+            store = store.contiguous(memory_format=torch.channels_last)
+        return store.to(self.device)
 
     def step_sizes(self) -> list[nn.Parameter]:
         """The generator's learnable scalars, in a fixed order."""
@@ -105,7 +111,10 @@ class Apart(Method):
     def _pass1(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Initialise from the store and take pass 1's input and per-block gradient signs (no parameter grads)."""
         x, y, eps, be = batch.x, batch.y, self.cfg.eps, self.cfg.backend
-        omega = ops.omega_gather(self.store, batch.index, batch.crop, batch.flip, x.shape[-2:], backend=be)
+        if self.store is None:  # the ablation without the store: a fresh U(-1, 1) start, like FGSM-RS's
+            omega = torch.empty_like(x).uniform_(-1.0, 1.0, generator=self.generator)
+        else:
+            omega = ops.omega_gather(self.store, batch.index, batch.crop, batch.flip, x.shape[-2:], backend=be)
         x0, d0 = ops.perturb_init(x, omega, self.a_init, eps, backend=be)
         x0_leaf = x0.detach().requires_grad_(True)
         with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1), self.precision.autocast():
@@ -179,6 +188,8 @@ class Apart(Method):
         flip) rows, so every rank applies the same update in the same order. ``ratio`` is the same on
         every rank (identical step sizes, agreed keep flag)."""
         be = self.cfg.backend
+        if self.store is None:
+            return
         if not self.comm.distributed:
             ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g, ratio, backend=be)
             return
@@ -214,8 +225,8 @@ class Apart(Method):
     def resolved(self) -> dict[str, float | None]:
         """The generator's settings this run uses (``ApartConfig.resolve``), for results.json."""
         a = self.gen
-        return {"schedule": a.schedule, "a_init": a.a_init, "a_in": a.a_in, "a_layer": a.a_layer, "lr": a.lr,
-                "weight_decay": a.weight_decay}
+        return {"schedule": a.schedule, "a_init": a.a_init, "a_in": a.a_in, "a_layer": a.a_layer, "a_layers": a.a_layers,
+                "lr": a.lr, "weight_decay": a.weight_decay, "store": a.store, "layer_perturb": a.layer_perturb}
 
     def log_values(self) -> dict[str, float]:
         vals = {"a_init": float(self.a_init.detach()), "a_in": float(self.a_in.detach())}
@@ -236,7 +247,8 @@ class Apart(Method):
         with torch.no_grad():
             for p, v in zip(self.step_sizes(), state["step_sizes"]):
                 p.copy_(v)
-        self.store.copy_(state["store"])
+        if self.store is not None:
+            self.store.copy_(state["store"])
         self.gen_optimizer.load_state_dict(state["gen_optimizer"])
         if self.gen_schedule is not None and state["gen_schedule"] is not None:
             self.gen_schedule.load_state_dict(state["gen_schedule"])
