@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt with its own settings; "
                    f"only {may_change} and --no-progress may change (--epochs only upwards)")
     t.add_argument("--overwrite", action="store_true",
-                   help=f"replace the run already in --out (kept in --out/{BACKUP}/ until the new run's first checkpoint)")
+                   help=f"replace the run already in --out (kept in --out/{BACKUP}/ until the new run has finished an epoch)")
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bars and no log lines: errors and the final JSON only (without a terminal, "
                         "bars are off anyway and the log is one line per epoch)")
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a path the locale cannot encode is printed, not a crash
     try:
         return _dispatch(args, argv)
     except TrainingInterrupted as err:
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (NumericFaultError, RunFailedError) as err:
         return _fail(args, err, _one_line(err), 1)
+    except UnicodeError as err:  # a name from the command line (undecodable under LANG=C) that some write cannot encode
+        what = ascii(err.object)[:200]
+        return _fail(args, err, f"{what} holds characters that cannot be encoded ({err.reason}); rename it with UTF-8 "
+                                "characters or run under a UTF-8 locale (LANG=C.UTF-8)", 2)
     except (ValueError, MissingExtraError) as err:  # ConfigError, DataError, CheckpointError; a missing [eval] extra
         return _fail(args, err, _one_line(err), 2)
     except OSError as err:

@@ -44,25 +44,42 @@ def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None
     smaller: test splits are often class-sorted), with a description of both for the report.
 
     ``dataset`` None: the one the checkpoint's run trained on (with its ``data_dir`` unless one is given), else
-    digits. The report's ``run_eval`` holds the run's evaluation eps and step (None for other checkpoints)."""
+    digits. The report's ``run_eval`` holds the run's evaluation eps and step (None for other checkpoints).
+    On the run's own data (no other ``dataset`` or ``data_dir`` given) the split is drawn with the run's seed and,
+    where the run read its data from its config, the data must match the fingerprint the checkpoint records."""
+    from pathlib import Path
+
     from apart_fast import model_from_payload
     from apart_fast.engine import checkpoint
-    from apart_fast.engine.loop import check_backend, resolve_device
+    from apart_fast.engine.loop import _data_change, check_backend, data_fingerprint, resolve_device
+    from apart_fast.engine.run_folder import BACKUP
 
     check_ranges(("--n", n, 1), ("--seed", seed, 0))
     dev = resolve_device(device)
     check_backend(backend, dev)
+    aside = Path(path).parent / BACKUP / Path(path).name
+    if not Path(path).exists() and aside.is_file():
+        raise CheckpointError(f"{path} does not exist but an interrupted --overwrite kept the run in {aside.parent}; "
+                              f"put it back with: apart-fast train --resume {Path(path).parent}, or pass {aside}")
     payload = checkpoint.load(path, map_location="cpu")
     net = model_from_payload(payload, path)
     run = payload.get("config") or {}
-    if dataset is None:
-        dataset = run.get("dataset", "digits")
-        data_dir = run.get("data_dir") if data_dir is None else data_dir
+    if data_dir is not None:
+        data_dir = str(Path(data_dir).expanduser().absolute())
+    own = dataset in (None, run.get("dataset")) and data_dir in (None, run.get("data_dir"))
+    dataset = run.get("dataset", "digits") if dataset is None else dataset
+    data_dir = run.get("data_dir") if own else data_dir
     trained_on = payload.get("data")  # the training data's fingerprint (checkpoints since its addition)
     name = net.config["name"]
     if model is not None and model != name:
         raise CheckpointError(f"{path} holds a {name} model, not {model}; pass --model {name} or another checkpoint")
-    data = load_dataset(dataset, data_dir, seed=seed)
+    data = load_dataset(dataset, data_dir, seed=int(run.get("seed", seed)) if own else seed)
+    if own and trained_on is not None and payload.get("data_from_config"):
+        now = data_fingerprint(data)
+        if now != trained_on:
+            raise CheckpointError(f"{path} was trained on other data than {dataset} {data_dir or ''} holds now "
+                                  f"({_data_change(trained_on, now)}); pass --dataset and --data-dir of the data it was "
+                                  "trained on")
     kw = net.config["kwargs"]
     if kw.get("num_classes") != data.num_classes or kw.get("in_channels") != data.channels:
         raise CheckpointError(
@@ -124,6 +141,8 @@ def evaluate_checkpoint(path: str, *, dataset: str | None = None, data_dir: str 
         ev = evaluate(net, x, y, batch_size=batch_size, eps=eps, step=step, steps=steps, restarts=restarts, loss=lo,
                       progress=progress, seed=seed, backend=backend)
         res["clean_acc"] = ev["clean_acc"]
+        if ev["robust_acc"] is None:  # --steps 0: clean accuracy only
+            break
         res[f"pgd_{lo}_acc"] = ev["robust_acc"]
         res[f"pgd_{lo}_se"] = standard_error(ev["robust_acc"], res["n"])
         res["settings"][f"pgd_{lo}"] = {"attack": f"PGD-{steps}", "loss": lo, "eps": eps, "step": step,

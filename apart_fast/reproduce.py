@@ -115,7 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train an EMA of the weights (e.g. 0.999, with --ema-warmup) and evaluate it beside the last model")
     p.add_argument("--ema-warmup", type=float, default=10.0, help="EMA warm-up W: decay min(DECAY, n/(n+W)) at update n")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="keep sub-runs in --out that already have results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep sub-runs in --out that already have results.json, resume those with only a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs and results already in --out (each run kept until its replacement's first epoch)")
     p.add_argument("--force", action="store_true", help="run --preset paper even without a GPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -140,7 +143,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--long-fgsm", "--long-fgsm-step", f"{args.long_fgsm_step:g}"]
     if args.seed:
         parts += ["--seed", str(args.seed)]
-    parts += [f"--{f}" for f in ("resume", "force") if getattr(args, f)]
+    parts += [f"--{f}" for f in ("resume", "overwrite", "force") if getattr(args, f)]
     return shlex.join(parts)
 
 
@@ -223,6 +226,7 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
     """Train (or, with ``resume``, reuse) one sub-run, then evaluate its last and best checkpoints; with
     ``preset``, also AutoAttack and the robustness curves of the last one (``robust_extras``)."""
     from apart_fast import load_model
+    from apart_fast.engine.checkpoint import is_run_checkpoint
     from apart_fast.engine.loop import train
 
     out = Path(cfg.out)
@@ -231,8 +235,9 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
         return {**json.loads(cached.read_text()), "name": name}
     if resume and (out / "results.json").exists():
         res = json.loads((out / "results.json").read_text())
-    else:
-        res = train(cfg, overwrite=True, progress=progress, data=data)
+    else:  # ``run`` checked the folder: a run here is one to resume (--resume) or to replace (--overwrite)
+        again = resume and is_run_checkpoint(out / "checkpoint.pt")
+        res = train(cfg, resume=again, overwrite=not again, progress=progress, data=data)
         res.pop("model", None)
         res.pop("model_ema", None)
     dev = torch.device(cfg.device)
@@ -464,6 +469,30 @@ def plot_all(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], info: 
     return names
 
 
+OUTPUTS = ("results.md", "results.json", "robust_acc.png", "strength_ratio.png", "robustness_curves.png",
+           "apart_step_sizes.png", "long_fgsm.png")  # what ``run`` writes into --out beside the runs
+
+
+def check_reproduce_out(out: Path, names: list[str], resume: bool, overwrite: bool) -> None:
+    """ConfigError unless ``out`` can take this comparison: not a train run's own folder; without ``resume`` or
+    ``overwrite``, no earlier results and no run in any ``out/<name>``; no files a run did not write there."""
+    from apart_fast.engine.loop import check_out_dir
+    from apart_fast.engine.run_folder import run_files
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder")
+    held = run_files(out)
+    if held:
+        raise ConfigError(f"--out {out} is the folder of a train run ({held[0]}); reproduce writes a table and one "
+                          "folder per method: pass another --out")
+    done = [f for f in OUTPUTS if (out / f).exists()]
+    if done and not (resume or overwrite):
+        raise ConfigError(f"--out {out} already holds results ({done[0]}); pass --resume to keep its finished runs, "
+                          "--overwrite to replace them, or another --out")
+    for name in names:
+        check_out_dir(str(out / name), resume=False, overwrite=resume or overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train every method of the preset, evaluate, write results.md, results.json and the figures."""
     t_start = time.perf_counter()
@@ -484,7 +513,26 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = f"reproduce-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out)
+    names = [*methods, *(("long_fgsm", "long_apart") if args.long_fgsm else ())]
+    check_reproduce_out(out, names, args.resume, args.overwrite)
+    from apart_fast.engine.run_folder import FolderLock
+
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    try:
+        lock.acquire()  # one reproduce per folder; each sub-run locks its own
+        check_reproduce_out(out, names, args.resume, args.overwrite)  # again, locked
+        return _run_all(args, preset, methods, device, out, t_start)
+    finally:
+        lock.release()
+        if made and not any(out.iterdir()):  # a failed start leaves no folder behind
+            out.rmdir()
+
+
+def _run_all(args: argparse.Namespace, preset: Preset, methods: tuple[str, ...], device: str, out: Path,
+             t_start: float) -> int:
+    """``run`` after its checks, with ``out`` locked: every sub-run, the table, the figures."""
     epochs, width = _pick(args.epochs, preset.epochs), _pick(args.width, preset.width)
     long_epochs = _pick(args.long_epochs, preset.long_epochs)
     data_dir = args.data_dir or preset.data_dir

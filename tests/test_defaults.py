@@ -49,7 +49,8 @@ def test_cifar10_with_no_other_flag_sets_up_preact18_width_64_for_30_epochs_in_r
     seen = {}
 
     def stop(run: loop.Run, out: Path | None, *args: object) -> None:
-        seen.update(cfg=run.cfg, out=out)
+        # config.json is read here: a start stopped before its first checkpoint removes what it wrote
+        seen.update(cfg=run.cfg, out=out, saved=json.loads((out / "config.json").read_text()))
         raise _Stop
 
     monkeypatch.setattr(loop, "_train_loop", stop)
@@ -58,7 +59,7 @@ def test_cifar10_with_no_other_flag_sets_up_preact18_width_64_for_30_epochs_in_r
     cfg, out = seen["cfg"], seen["out"]
     assert (cfg.model, cfg.width, cfg.epochs) == ("preact18", 64, 30)
     assert re.fullmatch(r"runs/apart-cifar10-\d{8}-\d{6}", str(out)), out
-    saved = json.loads((tmp_path / out / "config.json").read_text())
+    saved = seen["saved"]
     assert (saved["model"], saved["width"], saved["epochs"], saved["out"]) == ("preact18", 64, 30, str(out))
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("apart-fast: apart on cpu") and "preact18 width 64, 30 epochs" in first, first

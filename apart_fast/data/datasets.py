@@ -245,6 +245,9 @@ def load_dataset(
     key = name.lower().replace("-", "")
     if key not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if key in ("digits", "synthetic") and data_dir is not None:
+        raise DataError(f"--data-dir {data_dir} was given but dataset {key} is built in and reads no folder; pass "
+                        f"--dataset imagefolder (or cifar10, cifar100) to train on {data_dir}, or drop --data-dir")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     try:
         return _load(key, data_dir, seed, cache, synthetic_size, download)

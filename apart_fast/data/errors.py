@@ -1,6 +1,8 @@
-"""The single exception type of the data layer."""
+"""The data layer's exception type and its warning line."""
 
 from __future__ import annotations
+
+import sys
 
 
 class DataError(ValueError):
@@ -8,3 +10,10 @@ class DataError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, as the command line prints them (``apart-fast: warning: ...``)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"apart-fast: warning: {' '.join(str(message).split())}", file=sys.stderr)

@@ -2,7 +2,12 @@
 
 An archive is extracted once into ``<cache>/archives/<sha256>/`` (atomic rename, completion marker);
 decoded tensors live beside it (``decoded-train.pt`` / ``decoded-test.pt``). A plain folder's decoded
-tensors live in ``<cache>/folders/<key>/``, the key hashing its path and its files' sizes and mtimes.
+tensors live in ``<cache>/folders/<key>/``, the key hashing what is read: every listed image's resolved path
+(through any symlinked folder), size, mtime and ctime, and its label.
+
+Pixels: 16-bit greyscale is scaled to 8 bits; transparent pixels are composited over grey ``BACKGROUND`` (the
+default ``--pad-value`` 0.5) with one warning per load; an image is checked against Pillow's decompression-bomb
+limit and the first image's size from its header, before it is decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import warnings
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +32,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, warn
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 MARKER = "COMPLETE"
 SPLITS = ("train", "test")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: transparent pixels composited over BACKGROUND (1 dropped the alpha channel)
+BACKGROUND = 128  # grey 128/255 ~ the default --pad-value 0.5
 _DECODE_WORKERS = 3
 _CHUNK = 256
 
@@ -132,7 +139,7 @@ def materialize_archive(archive: Path, cache_dir: Path, prepare: Callable[[Path]
     try:
         _extract_into(archive, tmp / "tree")
         prepare(tmp)
-        (tmp / MARKER).write_text(f"{archive}\n")
+        (tmp / MARKER).write_bytes(os.fsencode(archive) + b"\n")
         if final.exists():  # a stale, unmarked slot from a crashed run, or a concurrent winner
             if (final / MARKER).is_file():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +167,7 @@ class FolderSplits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
+    transparent: tuple[int, str] = (0, "")  # images with transparent pixels composited over BACKGROUND, the first's name
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -228,45 +236,71 @@ def scan_folder(
     return train_classes, files
 
 
-def _open_image(path: Path, shown: str) -> Image.Image:
-    """Open and fully decode one image as 8-bit L or RGB; DataError naming the file when it is unreadable.
+def _open_image(path: Path, shown: str, size: tuple[int, int] | None = None) -> tuple[Image.Image, bool]:
+    """Open and fully decode one image as 8-bit L or RGB, and whether it had transparent pixels; DataError naming the
+    file when it is unreadable, over Pillow's decompression-bomb limit, or (``size``: (W, H) expected) of another size,
+    the last two judged from its header before anything is decoded.
 
-    16-bit greyscale (PIL modes I;16*, and I with values up to 65535) is scaled to 8 bits (v/257),
-    not clipped; other high-depth modes (32-bit integer, float) are refused.
+    16-bit greyscale (PIL modes I;16*, and I with values up to 65535) is scaled to 8 bits (v/257), not clipped;
+    other high-depth modes (32-bit integer, float) are refused. Transparent pixels (an alpha channel, or a palette
+    or colour-key transparency) are composited over grey ``BACKGROUND``.
     """
     try:
         with Image.open(path) as img:
+            if size is not None and img.size != size:
+                raise DataError(f"{shown} is {img.size[0]}x{img.size[1]} (WxH) but the images before it are "
+                                f"{size[0]}x{size[1]}; resize all images to one size")
             img.load()
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                grey = img.mode in ("L", "LA", "La")
+                if rgba.getchannel("A").getextrema()[0] == 255:  # an alpha channel, every pixel opaque
+                    return rgba.convert("L" if grey else "RGB"), False
+                back = Image.new("RGBA", rgba.size, (BACKGROUND, BACKGROUND, BACKGROUND, 255))
+                return Image.alpha_composite(back, rgba).convert("L" if grey else "RGB"), True
             if img.mode in ("L", "RGB"):
-                return img.copy()
+                return img.copy(), False
             if img.mode.startswith("I"):
                 arr = np.asarray(img).astype(np.int64)
                 if arr.min() < 0 or arr.max() > 65535:
                     raise DataError(f"{shown} holds {img.mode} pixels from {arr.min()} to {arr.max()}, not 8 or 16 bits; "
                                     "convert it to an 8- or 16-bit image")
-                return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
+                return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8)), False
             if img.mode == "F":
                 raise DataError(f"{shown} holds floating-point pixels; convert it to an 8- or 16-bit image")
-            return img.convert("RGB")
+            return img.convert("RGB"), False
     except DataError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:  # a warning made an error: _decode_all
+        raise DataError(f"{shown} is too large to decode safely ({exc}); resize it (all images must be one size)") from None
     except Exception as exc:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
         raise DataError(
             f"{shown} cannot be decoded as an image ({type(exc).__name__}: {exc}); replace or remove it"
         ) from exc
 
 
-def _decode_all(entries: list[tuple[Path, int]], root: Path, shown: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image to an (N,H,W,3) uint8 array plus a per-image flag saying it was mode L."""
+def _decode_all(entries: list[tuple[Path, int]], root: Path, shown: str,
+                desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode every image to an (N,H,W,3) uint8 array, a per-image flag saying it was mode L, and the names of the
+    images with transparent pixels. Pillow's decompression-bomb warning is an error here (naming the file)."""
+    with warnings.catch_warnings():  # the decoding threads consult the filters this thread sets
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode_entries(entries, root, shown, desc)
+
+
+def _decode_entries(entries: list[tuple[Path, int]], root: Path, shown: str,
+                    desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``_decode_all`` under its warning filter."""
 
     def name(p: Path) -> str:
         return f"{shown}/{p.relative_to(root).as_posix()}"
 
     first_path = entries[0][0]
-    first = _open_image(first_path, name(first_path))
+    first, _ = _open_image(first_path, name(first_path))
     width, height = first.size
     out = np.empty((len(entries), height, width, 3), dtype=np.uint8)
     grey = np.zeros(len(entries), dtype=bool)
+    clear = np.zeros(len(entries), dtype=bool)
     progress = tqdm(total=len(entries), desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
     lock = threading.Lock()
 
@@ -274,12 +308,7 @@ def _decode_all(entries: list[tuple[Path, int]], root: Path, shown: str, desc: s
         stop = min(start + _CHUNK, len(entries))
         for i in range(start, stop):
             path = entries[i][0]
-            img = _open_image(path, name(path))
-            if img.size != (width, height):
-                raise DataError(
-                    f"{name(path)} is {img.size[0]}x{img.size[1]} (WxH) but {name(first_path)} is {width}x{height}; "
-                    "resize all images to one size"
-                )
+            img, clear[i] = _open_image(path, name(path), (width, height))
             arr = np.asarray(img)
             if img.mode == "L":
                 grey[i] = True
@@ -305,16 +334,20 @@ def _decode_all(entries: list[tuple[Path, int]], root: Path, shown: str, desc: s
                     raise
     finally:
         progress.close()
-    return out, grey
+    return out, grey, [name(entries[i][0]) for i in np.flatnonzero(clear)]
 
 
-def decode_folder(root: Path, shown: str, num_classes: int | None = None) -> FolderSplits:
-    """Decode an ImageFolder train/test tree to uint8 tensors; greyscale only if every image is mode L."""
-    classes, files = scan_folder(root, shown, num_classes)
+def decode_folder(root: Path, shown: str, num_classes: int | None = None,
+                  listing: tuple[list[str], dict[str, list[tuple[Path, int]]]] | None = None) -> FolderSplits:
+    """Decode an ImageFolder train/test tree (``listing``: its ``scan_folder``, if done) to uint8 tensors; greyscale
+    only if every image is mode L."""
+    classes, files = listing if listing is not None else scan_folder(root, shown, num_classes)
     arrays = {}
     greys = {}
+    clear: list[str] = []
     for split in SPLITS:
-        arrays[split], greys[split] = _decode_all(files[split], root / split, f"{shown}/{split}", f"decode {split}")
+        arrays[split], greys[split], names = _decode_all(files[split], root / split, f"{shown}/{split}", f"decode {split}")
+        clear += names
     sizes = {split: arrays[split].shape[1:3] for split in SPLITS}
     if sizes["train"] != sizes["test"]:
         h, w = sizes["test"]
@@ -330,7 +363,8 @@ def decode_folder(root: Path, shown: str, num_classes: int | None = None) -> Fol
         arr = arrays[split][..., :1] if all_grey else arrays[split]
         tensors[split] = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
     labels = {s: torch.tensor([lab for _, lab in files[s]], dtype=torch.int64) for s in SPLITS}
-    return FolderSplits(tensors["train"], labels["train"], tensors["test"], labels["test"], classes)
+    return FolderSplits(tensors["train"], labels["train"], tensors["test"], labels["test"], classes,
+                        (len(clear), clear[0] if clear else ""))
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -351,9 +385,8 @@ def save_decoded(splits: FolderSplits, slot: Path) -> None:
     """Write one ``decoded-<split>.pt`` per split into ``slot``."""
     for split in SPLITS:
         x, y = (splits.train_x, splits.train_y) if split == "train" else (splits.test_x, splits.test_y)
-        _save_atomic(
-            {"format": _CACHE_FORMAT, "x": x, "y": y, "classes": list(splits.classes)}, slot / f"decoded-{split}.pt"
-        )
+        _save_atomic({"format": _CACHE_FORMAT, "x": x, "y": y, "classes": list(splits.classes),
+                      "transparent": list(splits.transparent)}, slot / f"decoded-{split}.pt")
 
 
 def load_decoded(slot: Path) -> FolderSplits | None:
@@ -378,32 +411,41 @@ def load_decoded(slot: Path) -> FolderSplits | None:
         parts["test"]["x"],
         parts["test"]["y"],
         list(parts["train"]["classes"]),
+        tuple(parts["train"].get("transparent", (0, ""))),
     )
 
 
-def folder_cache_key(root: Path) -> str:
-    """Hash of the folder's resolved path and every file's relative path, size and mtime under train/ and test/."""
-    digest = hashlib.sha256(str(root.resolve()).encode())
+def note_transparency(splits: FolderSplits) -> None:
+    """Say once per load that (and where) transparent pixels were composited over ``BACKGROUND``."""
+    n, first = splits.transparent
+    if n:
+        warn(f"{n} image(s) with transparent pixels (the first: {first}) composited over grey {BACKGROUND}/255 (the "
+             "default --pad-value); save them without transparency over the background you want to choose another")
+
+
+def folder_cache_key(root: Path, listing: tuple[list[str], dict[str, list[tuple[Path, int]]]]) -> str:
+    """Hash of what decoding ``root`` reads (``listing``: its ``scan_folder``): the classes and, per image, its label
+    and the resolved path, size, mtime and ctime of the file it leads to, so a symlinked folder or file whose target
+    changed, or a file rewritten in place, is decoded again."""
+    classes, files = listing
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}\0".encode() + b"\0".join(map(os.fsencode, classes)))
     for split in SPLITS:
-        base = root / split
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, fname))
-                rel = os.path.relpath(os.path.join(dirpath, fname), root)
-                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for path, label in files[split]:
+            st = os.stat(path)
+            digest.update(b"\n%s\0%d\0%d\0%d\0%d" % (os.fsencode(os.path.realpath(path)), label, st.st_size,
+                                                       st.st_mtime_ns, st.st_ctime_ns))
     return digest.hexdigest()
 
 
 def load_folder_cached(root: Path, cache_dir: Path, num_classes: int | None = None) -> FolderSplits:
-    """Decode a plain image folder, reusing ``<cache>/folders/<key>/`` when its files are unchanged."""
-    scan_folder(root, str(root), num_classes)  # fail fast, before hashing or writing anything
-    slot = cache_dir / "folders" / folder_cache_key(root)
-    cached = load_decoded(slot)
-    if cached is not None:
-        return cached
-    splits = decode_folder(root, str(root), num_classes)
-    save_decoded(splits, slot)
+    """Decode a plain image folder, reusing ``<cache>/folders/<key>/`` when what it reads is unchanged."""
+    listing = scan_folder(root, str(root), num_classes)  # fail fast, before hashing or writing anything
+    slot = cache_dir / "folders" / folder_cache_key(root, listing)
+    splits = load_decoded(slot)
+    if splits is None:
+        splits = decode_folder(root, str(root), num_classes, listing)
+        save_decoded(splits, slot)
+    note_transparency(splits)
     return splits
 
 
@@ -447,4 +489,5 @@ def load_archive_cached(
             f"{shown} has {len(splits.classes)} classes but {num_classes} are expected; "
             "point --data-dir at the full dataset"
         )
+    note_transparency(splits)
     return splits

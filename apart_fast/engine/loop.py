@@ -15,11 +15,14 @@ Reliability (see ``faults.py`` and ``step/guard.py``):
   read (every ``log_interval`` steps), and ``max_faults`` of them stop the run with
   ``NumericFaultError``.
 - Bad input: one validation phase (``_train`` up to ``prepare_out_dir``) checks the config, the
-  data (read and decoded in full), the output folder (writable, room for a checkpoint), the
-  backend and, on resume, the checkpoint against this run (its own config, ``RESUME_MAY_CHANGE``,
-  the data's fingerprint) before the output folder is created or touched: a failed start writes nothing.
-- ``--overwrite`` moves the old run into ``<out>/overwritten-run/`` and deletes it only once the
-  new run wrote its first checkpoint; a new run that fails before that puts the old one back.
+  data (read and decoded in full), the model against two images, the output folder (writable, room for a
+  checkpoint), the device and backend (one kernel launched) and, on resume, the checkpoint against this
+  run (its own config, ``RESUME_MAY_CHANGE``, the data's fingerprint) before the output folder is created
+  or written: a failed start writes nothing.
+- The output folder (``run_folder.py``): rank 0 locks it for the run's life, so a second process there is refused;
+  it holds a run once it holds a checkpoint, and a start that stops before its first one leaves nothing (or, after
+  kill -9, a marker the next start recognises). ``--overwrite`` moves the old run into ``<out>/overwritten-run/`` and
+  deletes it only once the new run finished an epoch; a new run that stops before that puts the old one back.
 - Failing midway (``OSError`` such as a full disk, out of memory): ``RunFailedError`` names the
   checkpoint the run left and how to resume.
 
@@ -51,7 +54,7 @@ from tqdm.auto import tqdm
 
 from apart_fast.attacks import evaluate
 from apart_fast.config import RESUME_MAY_CHANGE, Config, ConfigError
-from apart_fast.data import DeviceLoader, ImageData, load_dataset, random_subset
+from apart_fast.data import DeviceLoader, ImageData, decode_uint8, load_dataset, random_subset
 from apart_fast.diagnostics import epoch_probe
 from apart_fast.engine import checkpoint
 from apart_fast.engine.ema import WeightAverage
@@ -64,8 +67,22 @@ from apart_fast.engine.faults import (
     is_out_of_memory,
 )
 from apart_fast.engine.graphs import GraphStep
+from apart_fast.engine.run_folder import (
+    BACKUP,
+    RUN_FILES,
+    START,
+    FolderLock,
+    backup_pending,
+    discard_start,
+    drop_backup,
+    foreign_files,
+    leftovers,
+    recover,
+    restore_backup,
+    run_files,
+)
 from apart_fast.methods import DataInfo, Method, build_method
-from apart_fast.models import build_model
+from apart_fast.models import build_model, find_sites
 from apart_fast.step.amp import Precision
 from apart_fast.step.distributed import LOCAL, Comm, ShardLoader
 from apart_fast.step.guard import BufferGuard, finite_flag
@@ -73,8 +90,6 @@ from apart_fast.step.optim import DeviceSGD, FusedSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "model.pt", "model_best.pt", "model_ema.pt", "results.json", "config.json")
-BACKUP = "overwritten-run"  # --overwrite keeps the old run here until the new run's first checkpoint
 AUTO_OUT = "auto"  # Config.out (the CLI's default): a fresh folder named by auto_out_dir
 
 
@@ -93,6 +108,9 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: apart_fast trains and evaluates on cpu or cuda devices only; pass --device "
+                          "auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} requested but no CUDA device is available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None:
@@ -146,7 +164,8 @@ def auto_out_dir(cfg: Config, root: Path = Path("runs")) -> str:
 
 
 def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
-    """The output folder as a Path after checking it can take this run (exists or can be created, writable); writes nothing."""
+    """The output folder as a Path after checking it can take this run (exists or can be created, writable, holds
+    no files a run did not write, holds no run unless ``resume`` or ``overwrite``); writes nothing."""
     if out is None:
         if resume:
             raise ConfigError("--resume needs the run's folder; pass --resume DIR")
@@ -157,9 +176,15 @@ def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None
         raise ConfigError(f"{flag} {out} is a file; pass a folder")
     if resume:
         if not (path / "checkpoint.pt").is_file():
-            raise ConfigError(f"--resume {out}: no checkpoint.pt there to resume from; train without --resume first")
+            hint = ("its start stopped before the first checkpoint; train into it again without --resume (what that start "
+                    "left is replaced)" if (path / START).exists() else "train without --resume first")
+            raise ConfigError(f"--resume {out}: no checkpoint.pt there to resume from; {hint}")
     else:
-        taken = [f for f in (*RUN_FILES, BACKUP) if (path / f).exists()]  # a backup: a run an --overwrite was replacing
+        foreign = foreign_files(path)
+        if foreign:
+            raise ConfigError(f"--out {out} holds {', '.join(foreign)} but no run of apart-fast wrote them (no checkpoint "
+                              "beside them); move them away or pass another --out: a run never replaces files it did not write")
+        taken = run_files(path) + ([BACKUP] if backup_pending(path) else [])  # a backup: a run an --overwrite was replacing
         if taken and not overwrite:
             raise ConfigError(f"--out {out} already holds a run ({taken[0]}); pass --resume {out}, --overwrite, "
                               "or another --out")
@@ -170,57 +195,81 @@ def check_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None
     return path
 
 
-def prepare_out_dir(out: str | None, resume: bool, overwrite: bool) -> Path | None:
-    """Check the output folder (``check_out_dir``), then create it; ``overwrite`` moves the old run into
-    ``BACKUP`` (``drop_backup`` deletes it after the new run's first checkpoint, ``restore_backup`` puts it back)."""
+def prepare_out_dir(out: str | None, resume: bool, overwrite: bool, lock: FolderLock | None = None) -> bool:
+    """Create the output folder, lock it (``lock``), check it again under the lock (``check_out_dir``) and clear what a
+    start that never reached a checkpoint left; a new run then marks the folder (``START``) and ``overwrite`` moves
+    the old run into ``BACKUP`` (see ``run_folder``). Returns whether a run was moved there."""
     path = check_out_dir(out, resume, overwrite)
     if path is None:
-        return None
+        return False
     path.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
+    recover(path)
+    check_out_dir(out, resume, overwrite)  # again, locked: another process may have started here meanwhile
     for tmp in path.glob(".*.tmp"):  # left by a process killed inside an atomic write
         tmp.unlink(missing_ok=True)
-    if overwrite and not resume:
-        backup = path / BACKUP
-        present = [f for f in RUN_FILES if (path / f).exists()]
-        if backup.is_dir() and not (path / "checkpoint.pt").exists():
-            # The last --overwrite never reached a checkpoint: the backup is the real run; what is here is not.
-            for f in present:
-                (path / f).unlink()
-        elif present:
-            shutil.rmtree(backup, ignore_errors=True)
-            backup.mkdir()
-            for f in present:
-                os.replace(path / f, backup / f)
-    return path
-
-
-def drop_backup(out: Path) -> None:
-    """Delete the run ``--overwrite`` replaced, once the new run has a checkpoint."""
-    if (out / BACKUP).is_dir():
-        shutil.rmtree(out / BACKUP)
-
-
-def restore_backup(out: Path) -> bool:
-    """Put the run ``--overwrite`` moved aside back in place of a new run that wrote no checkpoint; True if one was."""
-    backup = out / BACKUP
-    if not backup.is_dir() or (out / "checkpoint.pt").exists():
+    if resume:
         return False
-    for f in RUN_FILES:
-        (out / f).unlink(missing_ok=True)
-    for f in backup.iterdir():
-        os.replace(f, out / f.name)
-    backup.rmdir()
-    return True
+    discard_start(path)
+    present = [f for f in RUN_FILES if (path / f).exists()]
+    if overwrite and present:
+        backup = path / BACKUP
+        shutil.rmtree(backup, ignore_errors=True)
+        backup.mkdir()
+        for f in present:
+            os.replace(path / f, backup / f)
+    (path / START).write_bytes(f"{os.getpid()}\n".encode())
+    return bool(overwrite and present)
 
 
 def check_backend(backend: str, device: torch.device) -> None:
-    """ConfigError unless the perturbation-op backend ``backend`` loads and runs tensors on ``device``."""
-    from apart_fast.ops import dispatch
+    """ConfigError unless the perturbation-op backend ``backend`` loads and launches on ``device``: one tiny kernel
+    (``pack_sign``) runs and is checked, so a backend that loads but cannot launch there (Triton on a CPU without
+    its interpreter) fails before anything is written, not mid-run."""
+    from apart_fast import ops
 
     try:
-        dispatch.resolve(backend, device)
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"--backend {backend} cannot run on {device}: {err}; pass --backend auto or torch") from None
+        signs = ops.pack_sign(torch.tensor([-2.0, 0.0, 3.0], device=device), backend=backend).cpu()
+        if not torch.equal(signs, torch.tensor([-1, 0, 1], dtype=torch.int8)):
+            raise RuntimeError(f"its sign kernel returned {signs.tolist()} for the signs of [-2, 0, 3]")
+    except Exception as err:  # the launch's own error: "0 active drivers", a missing GPU architecture, ...
+        if is_out_of_memory(err):
+            raise
+        why = " ".join(str(err).split())[:300]
+        if backend == "triton" and device.type == "cpu":
+            why += " (Triton runs CPU tensors only with TRITON_INTERPRET=1 set before the process starts)"
+        raise ConfigError(f"--backend {backend} cannot run on {device}: {why}; pass --backend auto or torch") from None
+
+
+def check_model_fits(model: nn.Module, d: ImageData, device: torch.device, channels_last: bool = False) -> None:
+    """ConfigError unless ``model`` maps two of the data's images to logits over its classes: one eval-mode forward
+    (no statistics updated, no gradients), so a model built for other images or classes fails before the run starts."""
+    x = decode_uint8(d.train_x[:2].to(device))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, k = int(x.shape[0]), d.num_classes
+    images = f"{d.channels}-channel {d.image_size[0]}x{d.image_size[1]} images"
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise
+        raise ConfigError(f"the model does not take this data's {images}: its forward on a batch of shape "
+                          f"{tuple(x.shape)} (N,C,H,W) failed ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+                          f"build it for {images}") from None
+    finally:
+        model.train(training)
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if shape != (n, k) or not logits.is_floating_point():
+        raise ConfigError(f"the model returns {shape} for a batch of {n} images but the data has {k} classes; make it "
+                          f"return float logits of shape (N, {k})")
+    top = max(int(y.max()) for y in (d.train_y, d.test_y) if y.numel())
+    if top >= k:
+        raise ConfigError(f"the data's labels go up to {top} but it names {k} classes; pass labels in [0, {k - 1}]")
 
 
 def data_fingerprint(d: ImageData) -> dict[str, Any]:
@@ -293,6 +342,7 @@ class Run:
         self.device = resolve_device(device if device is not None else cfg.device)
         check_backend(cfg.backend, self.device)
         torch.manual_seed(cfg.seed)
+        self.data_from_config = data is None  # False: the caller's data, which eval cannot reload from the config
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         d = self.data
         cfg = self.cfg = cfg.resolved(d.image_size)
@@ -331,6 +381,11 @@ class Run:
         channels_last = bool(cfg.channels_last if cfg.channels_last is not None else cuda)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        check_model_fits(self.model, d, self.device, channels_last)
+        if cfg.method == "apart" and cfg.apart.layer_perturb and not find_sites(self.model):
+            raise ConfigError("the model has no PerturbSite, so APART has no layer to perturb: mark the activation feeding "
+                              "each residual block's first conv with apart_fast.models.PerturbSite(), or train without "
+                              "layer perturbations: --no-apart-layer-perturb (Python: ApartConfig(layer_perturb=False))")
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
         lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed,
                    channels_last=channels_last)
@@ -387,6 +442,7 @@ class Run:
         self.faults_before = 0  # faults of earlier starts of this run: --max-faults counts this start's only
         self.saved_at: tuple[int, int, int] | None = None  # (epoch, step in epoch, step) of this run's checkpoint.pt
         self.out: Path | None = None  # where fault events are logged (set by ``train``)
+        self.replacing = False  # an --overwrite keeps the run it replaces until this run has finished an epoch
         self._epoch_loader: dict[str, Any] | None = None  # loader state before the current epoch's draw
         self._sums: dict[str, torch.Tensor] = {}
 
@@ -428,6 +484,7 @@ class Run:
             "world": self.comm.world,
             "rank_states": rank_states,
             "data": self.data_info,
+            "data_from_config": self.data_from_config,
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
@@ -510,6 +567,7 @@ class Run:
             "method": self.cfg.method,
             "epoch": self.epoch,
             "data": self.data_info,
+            "data_from_config": self.data_from_config,
             "averaged": ema,
         }
 
@@ -653,23 +711,28 @@ def _load_resume(out: Path) -> dict[str, Any]:
 
 
 def _trim_metrics(out: Path, run: Run) -> list[dict[str, Any]]:
-    """Drop metrics.jsonl lines past the checkpoint (a kill -9 can leave some) and return the kept epoch records."""
+    """Drop the metrics.jsonl lines past the checkpoint (a kill -9 can leave some) and those that are no record of a
+    run (cut short by a kill, blank, ``null``, not JSON); return the kept epoch records."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
     kept, history = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        step = rec.get("step")
-        if step > run.step_count if step is not None else rec.get("epoch", 0) > run.epoch:
+        except ValueError:  # cut short by a kill, or not JSON (or not UTF-8) at all
+            continue
+        if not isinstance(rec, dict):
+            continue
+        step, epoch = rec.get("step"), rec.get("epoch")
+        if not isinstance(epoch, int) or ("step" in rec and not isinstance(step, int)):  # runs before "step": no key
+            continue
+        if step > run.step_count if step is not None else epoch > run.epoch:
             continue
         kept.append(line)
         if "event" not in rec:
             history.append(rec)
-    checkpoint.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    checkpoint.atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
     return history
 
 
@@ -681,6 +744,9 @@ def _interrupted(run: Run, out: Path | None, stop: StopSignals, saved: bool) -> 
     if out is None:
         return TrainingInterrupted(f"interrupted by {name} at {where}; the run had --out none, so nothing was saved",
                                    stop.exit_code)
+    if run.replacing:  # _train puts the run --overwrite was replacing back and says so
+        return TrainingInterrupted(f"interrupted by {name} at {where}, before the new run finished its first epoch, "
+                                   "so it was not kept", stop.exit_code)
     if not saved and not (out / "checkpoint.pt").exists():
         return TrainingInterrupted(f"interrupted by {name} before the first checkpoint; nothing to resume, "
                                    f"start again with --overwrite --out {out}", stop.exit_code)
@@ -722,6 +788,10 @@ def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = 
         if best:
             checkpoint.save(out / "model_best.pt", run.model_payload())
         checkpoint.save(out / "checkpoint.pt", state)
+        (out / START).unlink(missing_ok=True)  # the folder holds a run now
+        if run.replacing:  # only at the end of an epoch: the new run finished one, the run it replaces goes
+            drop_backup(out)
+    run.replacing = False
     run.saved_at = (run.epoch, run.step_in_epoch, run.step_count)
     if not run.comm.is_main:
         return
@@ -729,7 +799,6 @@ def _save_checkpoint(run: Run, out: Path, model_too: bool = False, best: bool = 
         checkpoint.save(out / "model.pt", run.model_payload())
         if run.ema is not None:
             checkpoint.save(out / "model_ema.pt", run.model_payload(ema=True))
-    drop_backup(out)
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -760,6 +829,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     each naming the checkpoint left.
     """
     cfg.validate()
+    if cfg.data_dir is not None:  # kept absolute, so an eval or resume from another folder reads the same data
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().absolute()))
     comm, device = Comm.from_env(auto_device(cfg.device))
     try:
         return _train(cfg, comm, device, resume, overwrite, progress, data, model, changed)
@@ -769,52 +840,98 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
 
 def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, progress: bool,
            data: ImageData | None, model: nn.Module | None, changed: Collection[str] | None) -> dict[str, Any]:
-    """``train`` inside its process group: the validation phase, then the run."""
+    """``train`` inside its process group: the validation phase, then the run, with the output folder locked by rank 0
+    from the first look at it (a folder that does not exist yet: from its creation) to the end."""
     progress = progress and comm.is_main
     if cfg.out == AUTO_OUT:
         if resume:
             raise ConfigError("--resume needs the run's folder; pass --resume DIR")
         cfg = dataclasses.replace(cfg, out=comm.broadcast_object(auto_out_dir(cfg) if comm.is_main else None))
-    out = check_out_dir(cfg.out, resume, overwrite)
-    saved = None
-    if resume:
-        assert out is not None
-        saved = _load_resume(out)
-        cfg = resume_config(Config.from_dict(saved["config"]), cfg, changed, str(out))
-    run = Run(cfg, data, model=model, comm=comm, device=device)
-    if saved is not None:
-        run.load_state_dict(saved)
-    if out is not None:
-        state = run.state_dict()
-        model_bytes = _tensor_bytes(state["model"])
-        check_free_space(out, 2 * _tensor_bytes(state) + 2 * model_bytes)
-        del state
-    history: list[dict[str, Any]] = []
-    comm.barrier()  # every rank has checked everything before rank 0 writes
+    lock = FolderLock(Path(cfg.out), "--resume" if resume else "--out") if cfg.out is not None and comm.is_main else None
+    made = _missing_folders(lock.folder) if lock is not None else []
     try:
-        return _run(run, out, resume, overwrite, progress, history)
-    except BaseException as err:
-        if out is not None and not resume and overwrite and comm.is_main and restore_backup(out):
-            err.args = (f"{err.args[0] if err.args else err}; the run --overwrite would have replaced is back in {out}",
-                        *err.args[1:])
-        raise
+        if lock is not None and lock.folder.is_dir():
+            lock.acquire()
+            recover(lock.folder)
+        comm.barrier()  # rank 0 holds the folder and settled it before any rank judges it
+        if resume:
+            restart = _restart_config(cfg, changed, comm)
+            if restart is not None:
+                cfg, resume = restart, False
+        out = check_out_dir(cfg.out, resume, overwrite)
+        saved = None
+        if resume:
+            assert out is not None
+            saved = _load_resume(out)
+            cfg = resume_config(Config.from_dict(saved["config"]), cfg, changed, str(out))
+        run = Run(cfg, data, model=model, comm=comm, device=device)
+        if saved is not None:
+            run.load_state_dict(saved)
+        if out is not None:
+            state = run.state_dict()
+            model_bytes = _tensor_bytes(state["model"])
+            check_free_space(out, 2 * _tensor_bytes(state) + 2 * model_bytes)
+            del state
+        comm.barrier()  # every rank has checked everything before rank 0 writes
+        try:
+            return _run(run, out, resume, overwrite, progress, lock)
+        except BaseException as err:
+            if out is not None and not resume and lock is not None and lock.held:  # never in a folder another process holds
+                if restore_backup(out):
+                    err.args = (f"{err.args[0] if err.args else err}; the run --overwrite would have replaced is back "
+                                f"in {out}", *err.args[1:])
+                else:
+                    discard_start(out)
+            raise
+    finally:
+        if lock is not None and lock.held:
+            lock.release()
+            for folder in made:  # a start that failed before its first checkpoint leaves no folder behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what creating ``path`` would make)."""
+    made = []
+    probe = path.absolute()
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    return made
+
+
+def _restart_config(cfg: Config, changed: Collection[str] | None, comm: Comm) -> Config | None:
+    """``--resume`` of a folder whose start stopped before its first checkpoint (killed in its first epoch): the config
+    to start that run over with, its ``config.json``'s (``resume_config`` applies the flags given); None otherwise."""
+    out = Path(cfg.out or "")
+    if not leftovers(out) or not (out / "config.json").is_file():
+        return None
+    try:
+        saved = Config.from_dict(json.loads((out / "config.json").read_text())).validate()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--resume {out}: its start stopped before the first checkpoint and its config.json cannot be "
+                          f"read ({err}); train into it again without --resume") from None
+    if comm.is_main:
+        _warn(f"{out} holds no checkpoint yet (its start stopped before the first one): starting that run over with "
+              "the settings of its config.json")
+    return resume_config(saved, cfg, changed, str(out))
 
 
 def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bool,
-         history: list[dict[str, Any]]) -> dict[str, Any]:
+         lock: FolderLock | None) -> dict[str, Any]:
     """The run after the validation phase: prepare the output folder, train, evaluate, write the results."""
     cfg, comm = run.cfg, run.comm
+    history: list[dict[str, Any]] = []
     if out is not None:  # everything is checked: from here on the run may write
         run.out = out
         if comm.is_main:
-            prepare_out_dir(str(out), resume, overwrite)
+            run.replacing = prepare_out_dir(str(out), resume, overwrite, lock)
             if resume:
                 history = _trim_metrics(out, run)
             checkpoint.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
-        elif resume:
-            history = comm.broadcast_object(None)
-        if comm.is_main and resume:
-            comm.broadcast_object(history)
+        run.replacing = comm.broadcast_object(run.replacing)
+        history = comm.broadcast_object(history)
     hx, hy = run.val_x, run.val_y
     if progress:
         amp = run.precision.mode
@@ -842,7 +959,7 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
         except NumericFaultError as err:
             if out is None:
                 raise
-            if run.saved_at is None and model_finite(run):  # nothing saved yet: keep the current, finite state
+            if run.saved_at is None and not run.replacing and model_finite(run):  # nothing saved yet: keep this state
                 _save_checkpoint(run, out)
             evaluate_it = (f"; evaluate it with: apart-fast eval --checkpoint {out}/checkpoint.pt, or resume with a "
                            f"lower peak lr: apart-fast train --resume {out} --lr <lower>") if run.saved_at else ""
@@ -867,10 +984,11 @@ def _train_loop(run: Run, out: Path | None, history: list[dict[str, Any]], hx: t
     cfg = run.cfg
     while run.epoch < run.epochs:
         stats = run.train_epoch(progress, stop)
-        if stats is None:  # a signal mid-epoch: save the step we stopped after
-            if out is not None:
+        if stats is None:  # a signal mid-epoch: save the step we stopped after (an --overwrite's first epoch: drop it)
+            saved = out is not None and not run.replacing
+            if saved:
                 _save_checkpoint(run, out)
-            raise _interrupted(run, out, stop, saved=True)
+            raise _interrupted(run, out, stop, saved=saved)
         rec: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step_count, **stats}
         run.epoch += 1
         if cfg.eval_n > 0 and (run.epoch % cfg.eval_every == 0 or run.epoch == run.epochs):

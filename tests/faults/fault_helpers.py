@@ -1,9 +1,14 @@
 """Helpers of the fault-injection suite (a module, not conftest.py: test folders share that name):
-tiny data made here, the CLI called in-process, and a sha256 of every file of a folder."""
+tiny data made here, the CLI called in-process or in a process of its own that is killed at a chosen step,
+faults injected into a step, and a sha256 of every file of a folder."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ import pytest
 from PIL import Image
 
 from apart_fast.cli import main
+from apart_fast.methods.clean import Clean
 
 
 def make_image_folder(root: Path, n_train: int = 32, n_test: int = 8, size: int = 8, classes: int = 2) -> Path:
@@ -56,3 +62,38 @@ def assert_one_line(err: str, *needles: str, prefix: str = "apart-fast: error: "
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def poison_step(monkeypatch: pytest.MonkeyPatch, at: int, poison) -> None:  # noqa: ANN001
+    """Make ``poison(method, step)`` act on Clean's global step ``at`` (1-based); ``step()`` runs the method's own."""
+    orig, calls = Clean.step, {"n": 0}
+
+    def step(self, batch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] != at:
+            return orig(self, batch)
+        return poison(self, lambda: orig(self, batch))
+
+    monkeypatch.setattr(Clean, "step", step)
+
+
+_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from apart_fast.cli import main
+    from apart_fast.methods.clean import Clean
+    orig, calls = Clean.step, [0]
+    def step(self, batch):
+        calls[0] += 1
+        if calls[0] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, batch)
+    Clean.step = step
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def killed_at_step(argv: list[str], step: int) -> subprocess.CompletedProcess:
+    """``apart-fast ARGV`` in a process of its own, killed with SIGKILL (kill -9) inside Clean's step ``step``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _KILLED, str(step), *argv], env=env, capture_output=True, text=True,
+                          timeout=300)

@@ -86,20 +86,6 @@ def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
     assert snapshot(run_copy) == before
 
 
-def test_a_backup_left_by_a_killed_overwrite_is_the_run_kept(tmp_path):
-    """kill -9 before the new run's first checkpoint leaves the old run in BACKUP and the new one's config.json:
-    a new run without --overwrite is refused, and the next --overwrite keeps the backup (the real run) and clears the rest."""
-    out = tmp_path / "run"
-    (out / loop.BACKUP).mkdir(parents=True)
-    (out / loop.BACKUP / "checkpoint.pt").write_text("old run")
-    with pytest.raises(ConfigError, match=f"already holds a run \\({loop.BACKUP}\\)"):
-        loop.check_out_dir(str(out), resume=False, overwrite=False)
-    (out / "config.json").write_text("{}")
-    loop.prepare_out_dir(str(out), resume=False, overwrite=True)
-    assert snapshot(out) == {f"{loop.BACKUP}/checkpoint.pt": snapshot(out / loop.BACKUP)["checkpoint.pt"]}
-    assert loop.restore_backup(out) and snapshot(out).keys() == {"checkpoint.pt"}
-
-
 def test_demo_refuses_an_occupied_out_without_overwrite(finished, tmp_path, capsys):
     shutil.copytree(finished, tmp_path / "demo" / "pgd")
     before = snapshot(tmp_path / "demo")
@@ -183,3 +169,13 @@ def test_resume_on_changed_data_is_refused(tmp_path, capsys):
     assert rc == 2
     assert_one_line(err, "the data differs", "training examples 64 -> 66")
     assert snapshot(run) == before
+
+
+def test_resume_skips_lines_of_metrics_jsonl_that_are_no_record(run_copy, capsys):
+    path = run_copy / "metrics.jsonl"
+    junk = [b"", b"null", b"[1, 2]", b'"text"', b'{"epoch": "one"}', b'{"epoch": 1, "step": null, "x": 1}', b"\xff\xfe"]
+    path.write_bytes(b"\n".join(junk[:4]) + b"\n" + path.read_bytes() + b"\n".join(junk[4:]) + b"\n")
+    rc, err = run_cli(["train", "--resume", str(run_copy), "--epochs", "2"], capsys)
+    assert rc == 0, err
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (2, 8)]

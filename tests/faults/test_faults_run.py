@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import assert_one_line, make_image_folder, run_cli, snapshot, tiny_flags
+from fault_helpers import assert_one_line, make_image_folder, poison_step, run_cli, snapshot, tiny_flags
 from torch import nn
 
 from apart_fast import load_model
@@ -24,19 +24,6 @@ from apart_fast.methods.clean import Clean
 
 def finite(state: dict) -> bool:
     return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-
-
-def poison_step(monkeypatch: pytest.MonkeyPatch, at: int, poison) -> None:  # noqa: ANN001
-    """Make ``poison(method)`` act on Clean's global step ``at`` (1-based) after the method's own step."""
-    orig, calls = Clean.step, {"n": 0}
-
-    def step(self, batch):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] != at:
-            return orig(self, batch)
-        return poison(self, lambda: orig(self, batch))
-
-    monkeypatch.setattr(Clean, "step", step)
 
 
 def first_bn(model: nn.Module) -> nn.BatchNorm2d:
@@ -185,11 +172,14 @@ BAD_EVAL = [
     (["--restarts", "0"], ["--restarts 0 must be in [1,"]),
     (["--seed", "1e30"], ["--seed 1000000000000000019884624838656 must be in [0, 2147483647]"]),
     (["--backend", "cuda"], ["--backend cuda cannot run on cpu"]),
+    (["--device", "meta"], ["--device meta: apart_fast trains and evaluates on cpu or cuda devices only"]),
+    (["--device", "mps"], ["--device mps: apart_fast trains and evaluates on cpu or cuda devices only"]),
     (_other_size, ["was trained on 8x8 images", "has 16x16", "pass the dataset it was trained on"]),
 ]
 
 
-@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "seed", "backend", "size"])
+@pytest.mark.parametrize(("flags", "needles"), BAD_EVAL, ids=["n_negative", "n_zero", "restarts", "seed", "backend", "meta", "mps",
+                                                               "size"])
 def test_bad_eval_exits_2(flags, needles, finished, tiny_data, tmp_path, capsys):
     data = ["--dataset", "imagefolder", "--data-dir", str(tiny_data)]
     flags = flags(tmp_path) if callable(flags) else [*data, *flags]
