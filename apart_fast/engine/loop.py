@@ -365,9 +365,9 @@ class Run:
         self.step_count = 0  # completed steps of the run
         self.train_seconds = 0.0
         self.best_robust, self.best_epoch = -1.0, 0  # validation robust accuracy of model_best.pt
-        self.buffers = BufferGuard(self.model)
-        gens = [self.method.generator] if cuda else []
-        self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=gens) if self.graphs else None
+        self.buffers = BufferGuard(self.model, sync_free=True if self.graphs else None)  # graphs: CUDA's branch everywhere
+        self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=[self.method.generator]) \
+            if self.graphs else None
         self.faults = FaultMonitor(self.device, min(cfg.log_interval, len(self.loader)))
         self.faults_before = 0  # faults of earlier starts of this run: --max-faults counts this start's only
         self.saved_at: tuple[int, int, int] | None = None  # (epoch, step in epoch, step) of this run's checkpoint.pt
