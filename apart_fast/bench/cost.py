@@ -123,7 +123,7 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1) -> Config:
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
-                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile,
+                  cuda_graphs=opts.cuda_graphs, compile=opts.compile,
                   compile_backend=opts.compile_backend, ema=opts.ema).validate()
 
 
