@@ -314,6 +314,11 @@ class Run:
         self.model = model.to(self.device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms once
+        # fp32 means fp32, process-wide like cudnn.benchmark: --amp none's convolutions and matmuls and the fp32 stem
+        # under autocast (models.sites.full_precision) would otherwise run in TF32 on Ampere and later (cuDNN's
+        # default), whose spacing (~5e-4 near 1) swallows small step sizes such as the APART script's 1e-4 start.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         channels_last = bool(cfg.channels_last if cfg.channels_last is not None else cuda)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
