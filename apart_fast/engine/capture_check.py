@@ -104,8 +104,8 @@ class _Ops(TorchDispatchMode):
         kind = None
         if name in HOST_READS:
             kind = "host read"
-        elif name in DATA_SHAPED or name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and \
-                "output_size" not in kwargs and len(args) < 4:
+        elif name in DATA_SHAPED or name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
+                and kwargs.get("output_size") is None:  # repeats as a tensor: the output's length is their sum
             kind = "data-dependent shape"
         elif name in MASK_INDEXED and any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
                                           for t in _flat(args[1:2])):
