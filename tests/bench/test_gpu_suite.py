@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 def test_dry_run_runs_every_step_and_fills_every_table(tmp_path: Path) -> None:
     out, export = tmp_path / "suite", tmp_path / "export"
     proc = subprocess.run(["bash", str(SUITE), "--dry-run", "--export", str(export), str(out)], env=_env(),
-                          capture_output=True, text=True, timeout=2400)
+                          capture_output=True, text=True, timeout=3300)
     steps = (out / "steps.tsv").read_text() if (out / "steps.tsv").exists() else "no steps.tsv"
     assert proc.returncode == 0, f"{steps}\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     s = json.loads((export / "summary.json").read_text())
