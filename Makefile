@@ -30,7 +30,8 @@ test-main: $(STAMP)
 
 # The GPU image's torch, triton and torchvision (requirements-gpuimage.txt) in a second venv that reads every
 # other package from .venv (a .pth line); on a copy of the work tree whose C++ extension is built against that
-# torch: the Triton tests under the interpreter and the GPU suite's CPU dry run (benchmarks/gpu_suite.sh).
+# torch: every Triton kernel specialisation and the CUDA extension compiled for sm_90 (benchmarks/sm90_report.py,
+# exit 1 on a compile error), the Triton tests under the interpreter and the GPU suite's CPU dry run (gpu_suite.sh).
 GPUIMG := .venv-gpuimage
 GPUIMG_STAMP := $(GPUIMG)/.installed
 
@@ -43,11 +44,13 @@ $(GPUIMG_STAMP): $(STAMP) requirements-gpuimage.txt
 	touch $@
 
 test-gpuimage: $(GPUIMG_STAMP)
-	rm -rf $(GPUIMG)/src $(GPUIMG)/dry-run && mkdir -p $(GPUIMG)/src
+	rm -rf $(GPUIMG)/src $(GPUIMG)/dry-run $(GPUIMG)/sm90 $(GPUIMG)/sm90.log && mkdir -p $(GPUIMG)/src
 	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(GPUIMG)/src
 	cd $(GPUIMG)/src && APART_FAST_NO_CUDA=1 ../bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(GPUIMG)/src && ../bin/python -c "import torch, triton; assert (torch.__version__.split('+')[0], triton.__version__) \
 		== ('2.11.0', '3.6.0'), (torch.__version__, triton.__version__)"
+	cd $(GPUIMG)/src && ../bin/python benchmarks/sm90_report.py --jobs $$(nproc) --out ../sm90 > ../sm90.log \
+		|| { grep -E "^#|ERROR" ../sm90.log; exit 1; }
 	cd $(GPUIMG)/src && PYTHON=../bin/python bash benchmarks/gpu_suite.sh --dry-run ../dry-run
 	cd $(GPUIMG)/src && ../bin/python -m pytest -q -p no:cacheprovider tests/ops/test_triton.py
 

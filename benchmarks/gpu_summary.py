@@ -66,19 +66,31 @@ def gpu_tests(out: Path) -> dict[str, Any] | None:
     return {"counts": counts, "failed": bad, "final_line": final[-1].strip("= ") if final else None}
 
 
+LAUNCH_BOUND_S = 10e-6  # a row whose bytes take less than this at the copy bandwidth measures launches, not bandwidth
+
+
 def kernels(out: Path) -> dict[str, Any] | None:
-    """The kernel rows pivoted to one line per (op, size): each provider's median time and fraction of copy."""
+    """The kernel rows pivoted to one line per (op, size): each provider's median time and fraction of copy, and
+    whether the size is launch-bound (its bytes would move in under ``LAUNCH_BOUND_S`` at the copy bandwidth)."""
     doc = _json(out / "kernels" / "kernels.json")
     if not doc or not doc.get("rows"):
         return None
+    copy_gbps = (doc.get("copy_bandwidth") or {}).get("gbps")
     cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    moved: dict[tuple[str, str], float] = {}
     for r in doc["rows"]:
         prov = str((r.get("extra_info") or {}).get("backend") or r.get("backend"))
-        cells.setdefault((str(r["op"]), str(r["size"])), {})[prov] = {
-            "median_s": r.get("median"), "gbps": r.get("gbps"), "copy_fraction": r.get("copy_fraction")}
+        key = (str(r["op"]), str(r["size"]))
+        cells.setdefault(key, {})[prov] = {"median_s": r.get("median"), "gbps": r.get("gbps"),
+                                           "copy_fraction": r.get("copy_fraction")}
+        if r.get("bytes"):
+            moved[key] = float(r["bytes"])
     timers = sorted({str(r.get("timer")) for r in doc["rows"]})
+    rows = [{"op": op, "size": size, "providers": p,
+             "launch_bound": bool(copy_gbps and (op, size) in moved and moved[op, size] / (copy_gbps * 1e9) < LAUNCH_BOUND_S)}
+            for (op, size), p in sorted(cells.items())]
     return {"copy_bandwidth": doc.get("copy_bandwidth"), "timers": timers, "device": doc["env"].get("device_name"),
-            "rows": [{"op": op, "size": size, "providers": p} for (op, size), p in sorted(cells.items())]}
+            "rows": rows}
 
 
 def cost(out: Path) -> dict[str, Any]:
@@ -87,10 +99,12 @@ def cost(out: Path) -> dict[str, Any]:
     for folder, kind in COST_RUNS:
         doc = _json(out / folder / "cost.json")
         if doc:
-            runs[f"b{doc['options']['batch_size']} {kind}"] = {"options": doc["options"], "device": doc["env"].get("device_name"),
-                             "rows": [{k: r.get(k) for k in ("method", "label", "passes_per_step", "s_per_step", "images_per_s",
-                                                             "step_vs_pgd", "step_vs_clean", "peak_mem_bytes", "cuda_graphs")}
-                                      for r in doc["rows"]]}
+            runs[f"b{doc['options']['batch_size']} {kind}"] = {
+                "options": doc["options"], "device": doc["env"].get("device_name"),
+                "compile": {r["label"]: r["compile"] for r in doc["rows"] if r.get("compile")},
+                "rows": [{k: r.get(k) for k in ("method", "label", "passes_per_step", "s_per_step", "images_per_s", "step_vs_pgd",
+                                                "step_vs_clean", "peak_mem_bytes", "cuda_graphs", "backend", "launches_per_step")}
+                         for r in doc["rows"]]}
     return runs
 
 
@@ -134,11 +148,22 @@ def environment(out: Path) -> dict[str, str]:
     return env
 
 
+def precompile(out: Path) -> dict[str, Any] | None:
+    """The sm_90 precompile (``benchmarks/sm90_report.py`` on this machine): counts, errors, spills, compile seconds."""
+    doc = _json(out / "sm90" / "sm90.json")
+    if not doc or "triton" not in doc:
+        return None
+    t = doc["triton"]
+    return {k: t.get(k) for k in ("count", "errors", "spilling", "seconds", "wall_s", "jobs")} | {
+        "triton": doc.get("versions_triton"), "errors_list": [r["spec"] for r in t.get("rows", []) if r.get("error")]}
+
+
 def collect(out: Path) -> dict[str, Any]:
     """Everything the summary reports, as one JSON-ready dict."""
     meta = _json(out / "suite.json") or {}
-    return {"suite": meta, "env": environment(out), "steps": steps(out), "gpu_tests": gpu_tests(out),
-            "kernels": kernels(out), "cost": cost(out), "training": training(out), "eval_speed": eval_speed(out)}
+    return {"suite": meta, "env": environment(out), "steps": steps(out), "precompile": precompile(out),
+            "gpu_tests": gpu_tests(out), "kernels": kernels(out), "cost": cost(out), "training": training(out),
+            "eval_speed": eval_speed(out)}
 
 
 def _kernel_table(k: dict[str, Any]) -> list[str]:
@@ -151,27 +176,34 @@ def _kernel_table(k: dict[str, Any]) -> list[str]:
             c = r["providers"].get(p)
             frac = c.get("copy_fraction") if c else None
             cells.append("-" if not c else f"{_us(c['median_s'])}" + (f" ({frac:.0%})" if frac is not None else ""))
-        lines.append(f"| {r['op']} | {r['size']} | " + " | ".join(cells) + " |")
+        size = f"{r['size']} (launch-bound)" if r.get("launch_bound") else r["size"]
+        lines.append(f"| {r['op']} | {size} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _cost_table(runs: dict[str, Any]) -> list[str]:
-    heads = list(runs)
-    order: list[str] = []
-    labels: dict[str, str] = {}
-    for run in runs.values():
+    """One line per run and method: the op backend and whether the step ran as a CUDA graph, beside its cost."""
+    lines = ["| run | method | backend | graphs | passes/step | ms/step | x PGD | x clean | launches |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, run in runs.items():
         for r in run["rows"]:
-            if r["method"] not in order:
-                order.append(r["method"])
-            labels.setdefault(r["method"], r["label"])
-    lines = ["| method | passes/step | " + " | ".join(f"{h} ms/step" for h in heads) + " | " +
-             " | ".join(f"{h} x PGD" for h in heads) + " |", "|---|---:|" + "---:|" * (2 * len(heads))]
-    for m in order:
-        by = {h: next((r for r in runs[h]["rows"] if r["method"] == m), None) for h in heads}
-        passes = next((r["passes_per_step"] for r in by.values() if r), "-")
-        ms = [f"{r['s_per_step'] * 1e3:.1f}" if r and r.get("s_per_step") else "-" for r in by.values()]
-        vs = [f"{r['step_vs_pgd']:.2f}" if r and r.get("step_vs_pgd") is not None else "-" for r in by.values()]
-        lines.append(f"| {labels[m]} | {passes} | " + " | ".join(ms) + " | " + " | ".join(vs) + " |")
+            ms = f"{r['s_per_step'] * 1e3:.1f}" if r.get("s_per_step") else "-"
+            vs = [f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("step_vs_pgd", "step_vs_clean")]
+            lines.append(f"| {name} | {r['label']} | {r.get('backend') or '-'} | {'yes' if r.get('cuda_graphs') else 'no'} | "
+                         f"{r.get('passes_per_step', '-')} | {ms} | {vs[0]} | {vs[1]} | {r.get('launches_per_step') or '-'} |")
+    return lines
+
+
+def _compile_lines(runs: dict[str, Any]) -> list[str]:
+    """What torch.compile did in each compiled run: frames compiled at the first step and after it (recompiles),
+    graphs and graph breaks with their most frequent reasons."""
+    lines = []
+    for name, run in runs.items():
+        for method, c in (run.get("compile") or {}).items():
+            reasons = "; ".join(f"{n}x {why}" for why, n in c.get("graph_break_reasons", [])[:3])
+            lines.append(f"- {name}, {method}: {c.get('frames_first_step')} frames compiled at the first step, "
+                         f"{c.get('frames_later')} after it (recompiles), {c.get('graphs')} graphs, "
+                         f"{c.get('graph_breaks')} graph breaks" + (f" ({reasons})" if reasons else ""))
     return lines
 
 
@@ -182,10 +214,21 @@ def markdown(s: dict[str, Any]) -> str:
     lines = [f"# GPU suite{' (CPU dry run: tiny sizes, figures meaningless)' if dry else ''}", "",
              f"- device: {env.get('gpu', '-')}; python {env.get('python', '-')}; torch {env.get('torch', '-')} "
              f"(CUDA {env.get('torch_cuda', '-')}); triton {env.get('triton', '-')}; nvcc {env.get('nvcc', '-')}",
-             f"- commit {env.get('commit', '-')}; started {meta.get('started', '-')}; part {meta.get('part', '-')}; "
-             f"budget {meta.get('budget_s', '-')} s", "",
-             "## Steps", "", "| step | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {r.get('step')} | {r.get('status')} | {r.get('seconds')} |" for r in s["steps"]]
+             f"- commit {meta.get('commit', 'not recorded')}; started {meta.get('started', '-')}; part {meta.get('part', '-')}; "
+             f"budget {meta.get('budget_s', '-')} s; planned on the GPU {meta.get('planned_s', '-')} s of "
+             f"{meta.get('gpu_budget_s', '-')} s", "",
+             "## Steps", "", "| step | status | seconds | planned on the GPU |", "|---|---|---:|---:|"]
+    plan = meta.get("plan") or {}
+    lines += [f"| {r.get('step')} | {r.get('status')} | {r.get('seconds')} | {plan.get(r.get('step'), '-')} |" for r in s["steps"]]
+    pc = s.get("precompile")
+    lines += ["", "## sm_90 precompile (`benchmarks/sm90_report.py`)", ""]
+    if pc is None:
+        lines.append("not run")
+    else:
+        lines.append(f"Triton {pc['triton']}: {pc['count']} specialisations compiled for sm_90, {pc['errors']} errors, "
+                     f"{pc['spilling']} with spills; {pc['seconds']:.1f} s of compiling on {pc['jobs']} processes "
+                     f"({pc['wall_s']:.1f} s wall), written to the Triton cache the GPU tests read.")
+        lines += [f"- ERROR {spec}" for spec in pc["errors_list"]]
     t = s["gpu_tests"]
     lines += ["", "## GPU tests (`pytest -m gpu`)", ""]
     if t is None:
@@ -201,7 +244,9 @@ def markdown(s: dict[str, Any]) -> str:
     else:
         cb = k["copy_bandwidth"] or {}
         lines += [f"{k['device']}; median time per call ({'; '.join(k['timers'])}), in brackets the achieved bandwidth "
-                  f"as a fraction of a large copy's, {cb.get('gbps', 0):.0f} GB/s ({cb.get('source', '-')}).", ""]
+                  f"as a fraction of a large copy's, {cb.get('gbps', 0):.0f} GB/s ({cb.get('source', '-')}). Launch-bound: "
+                  f"the op's bytes would move in under {LAUNCH_BOUND_S * 1e6:.0f} us at that bandwidth, so the time is "
+                  "mostly launch latency, not bandwidth (the >= 85% of copy target is read at 16M elements).", ""]
         lines += _kernel_table(k)
     lines += ["", "## Cost per step", ""]
     if not s["cost"]:
@@ -216,6 +261,9 @@ def markdown(s: dict[str, Any]) -> str:
                   f"({next((r['options'].get('compile_backend') for r in s['cost'].values() if r['options'].get('compile')), '-')}).",
                   ""]
         lines += _cost_table(s["cost"])
+        compiled = _compile_lines(s["cost"])
+        if compiled:
+            lines += ["", "torch.compile:", *compiled]
     tr = s["training"]
     lines += ["", "## Short training", ""]
     if tr is None:
@@ -235,10 +283,14 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append("not run")
     else:
         cols = [c for c in ("fused", "reference", "eager") if any(c in r for r in ev)]
-        lines += ["`benchmarks/eval_speed.py` (random weights and images; fused: the default path, CUDA graphs on a GPU; "
-                  "reference: the pure-PyTorch pgd_step; eager: no graphs).", "",
-                  "| batch | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
-        lines += [f"| {r['batch']} | " + " | ".join(f"{r[c]:.0f}" if c in r else "-" for c in cols) + " |" for r in ev]
+        lines += ["`benchmarks/eval_speed.py` (random weights and images; fused: the default path, CUDA graphs on a GPU, "
+                  "timing replays of graphs captured by an earlier call; capture s: that earlier call's extra seconds "
+                  "(warm-ups and capture); reference: the pure-PyTorch pgd_step; eager: no graphs).", "",
+                  "| batch | backend | " + " | ".join(cols) + " | capture s |", "|---:|---|" + "---:|" * (len(cols) + 1)]
+        for r in ev:
+            cap = f"{r['capture_s']:.2f}" if r.get("capture_s") is not None else "-"
+            speeds = " | ".join(f"{r[c]:.0f}" if c in r else "-" for c in cols)
+            lines.append(f"| {r['batch']} | {r.get('backend', '-')} | {speeds} | {cap} |")
     return "\n".join(lines) + "\n"
 
 

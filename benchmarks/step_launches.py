@@ -27,11 +27,7 @@ def measure(method: str, width: int, batch: int, graphs: bool = False) -> dict:
     opts = CostOptions(methods=[method], width=width, batch_size=batch, image_size=32, synthetic_n=4 * batch, progress=False,
                        cuda_graphs=graphs or None)
     cfg = method_config(opts, method, epochs=4)
-    run = Run(cfg, data=load_bench_data(opts))
-    if graphs:  # the accelerator's sync-free keep-or-undo, on the CPU
-        for guard in (run.buffers, run.optimizer, getattr(run.method, "gen_optimizer", None)):
-            if guard is not None:
-                guard.sync_free = True
+    run = Run(cfg, data=load_bench_data(opts))  # graphs: the engine keeps or undoes sync-free, as on a GPU
     batches = iter(run.loader)
     run.model.train()
     for _ in range(2):

@@ -120,19 +120,29 @@ inline bool rounds_step(const at::Tensor& a, const at::Tensor& data) {
   return a.dim() == 0 && (st == at::kHalf || st == at::kBFloat16);
 }
 
-// A Python-scalar clamp bound as the reference's kernels on `data`'s device see it, in the arithmetic
-// type: PyTorch's CPU kernels cast a scalar operand to the tensor's dtype (`round`: the tensor that
-// the bound meets is fp16/bf16), its CUDA kernels read it in the opmath type (fp32) unrounded.
-inline double scalar_bound(double v, const at::Tensor& data, bool round) {
+// `v` in the arithmetic type, rounded first to `data`'s fp16/bf16 dtype when `round` (fp32 otherwise; fp64 exact).
+inline double rounded_scalar(double v, const at::Tensor& data, bool round) {
   const auto st = data.scalar_type();
   if (st == at::kDouble) return v;
   const float f = static_cast<float>(v);
-  if (round && data.device().is_cpu()) {
-    if (st == at::kHalf) return static_cast<float>(static_cast<at::Half>(f));
-    if (st == at::kBFloat16) return static_cast<float>(static_cast<at::BFloat16>(f));
-  }
+  if (round && st == at::kHalf) return static_cast<float>(static_cast<at::Half>(f));
+  if (round && st == at::kBFloat16) return static_cast<float>(static_cast<at::BFloat16>(f));
   return f;
 }
+
+// pgd_step's Python-scalar eps in `x -+ eps` as the reference's kernels on `data`'s device see it: PyTorch's CPU
+// arithmetic kernels cast a scalar operand to the tensor's dtype (`round`: that tensor is fp16/bf16), its CUDA
+// kernels read it in the opmath type (fp32) unrounded.
+inline double scalar_bound(double v, const at::Tensor& data, bool round) {
+  return rounded_scalar(v, data, round && data.device().is_cpu());
+}
+
+// perturb_init's and sign_step's clamp bound eps, the same on every device: rounded to the data's dtype where the
+// clamped value is a tensor of that dtype (`round`: rounds_step). The forward output is the same with either bound
+// (the clamped value is rounded to that dtype afterwards), and autograd's clamp mask compares the value with the
+// Python-scalar bound in the value's dtype on the CPU and on CUDA alike (CUDA's compare kernels cast the scalar to
+// the tensor's dtype; only its clamp kernel keeps fp32), so the backward masks match only with the rounded bound.
+inline double clamp_bound(double v, const at::Tensor& data, bool round) { return rounded_scalar(v, data, round); }
 
 // Calls fn(std::integral_constant<bool, b>) for a runtime b: the branch leaves the kernels' inner loops.
 template <typename F>

@@ -198,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
   const bool round = rounds_step(a_init, x);
   APART_DISPATCH(x.scalar_type(), "perturb_init_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(scalar_bound(eps, x, round));
+    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(clamp_bound(eps, x, round));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* op = omega.const_data_ptr<scalar_t>();
     scalar_t* x0p = x0.mutable_data_ptr<scalar_t>();
@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
   const bool round = rounds_step(a_init, x);
   APART_DISPATCH(x.scalar_type(), "perturb_init_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(scalar_bound(eps, x, round));
+    const acc_t a = step_value<acc_t>(a_init), e = static_cast<acc_t>(clamp_bound(eps, x, round));
     const scalar_t* gxp = grad_x0.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
   const bool round = rounds_step(a, x);
   APART_DISPATCH(x.scalar_type(), "sign_step_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(scalar_bound(eps, x, round));
+    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(clamp_bound(eps, x, round));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dp = d.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
   const bool round = rounds_step(a, x);
   APART_DISPATCH(x.scalar_type(), "sign_step_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(scalar_bound(eps, x, round));
+    const acc_t av = step_value<acc_t>(a), e = static_cast<acc_t>(clamp_bound(eps, x, round));
     const scalar_t* gxp = grad_x1.const_data_ptr<scalar_t>();
     const scalar_t* gdp = has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

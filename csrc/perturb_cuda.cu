@@ -7,7 +7,8 @@
 // no host sync. The step sizes stay on the device (read by the kernels), so the launches can be
 // captured in a CUDA graph. The elementwise ops run over memory order, so any dense layout shared by
 // their arguments works (perturb_checks.h); the omega kernels address the store and the image-frame
-// tensor through their strides. Scalar bounds follow PyTorch's CUDA convention (fp32, unrounded).
+// tensor through their strides, one frame row per thread row (2-D blocks). Scalar bounds follow the reference
+// on CUDA: clamp bounds in the clamped tensor's dtype, pgd_step's `x -+ eps` in fp32 (perturb_checks.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -320,50 +321,61 @@ struct Pgd {
   }
 };
 
-// Offsets of image-frame element o = ((b*C + c)*H + i)*W + j in the store and in the frame tensor (strides).
-struct WindowAt {
-  int64_t b, store, frame;
+// The omega kernels walk the (B, C, H, W) image frame by rows r = (b*C + c)*H + i (one per example, channel and
+// window row) and columns j < W, on a 2-D block: threadIdx.x over columns, threadIdx.y over rows, blocks striding
+// over rows. A row's example, channel and window offsets (64-bit divisions and the index/crop/flip reads) are
+// worked out once per row, not per element; the column loop only adds strides.
+struct WindowRow {
+  int64_t b, store, frame, cx;
+  bool flip;
 };
 
-__device__ __forceinline__ WindowAt window_at(const WindowArgs& w, const int64_t* __restrict__ index,
-                                              const int64_t* __restrict__ crop, const bool* __restrict__ flip,
-                                              int64_t o) {
-  const int64_t j = o % w.w, i = (o / w.w) % w.h, c = (o / (w.w * w.h)) % w.c, b = o / (w.w * w.h * w.c);
+__device__ __forceinline__ WindowRow window_row(const WindowArgs& w, const int64_t* __restrict__ index,
+                                                const int64_t* __restrict__ crop, const bool* __restrict__ flip,
+                                                int64_t r) {
+  const int64_t i = r % w.h, bc = r / w.h, c = bc % w.c, b = bc / w.c;
   const int64_t row = index[b], cy = crop[2 * b], cx = crop[2 * b + 1];
   CUDA_KERNEL_ASSERT(row >= 0 && row < w.n && cy >= 0 && cy + w.h <= w.hp && cx >= 0 && cx + w.w <= w.wp);
-  const int64_t col = window_col(cx, j, w.w, flip[b]);
-  return {b, row * w.ss[0] + c * w.ss[1] + (cy + i) * w.ss[2] + col * w.ss[3],
-          b * w.fs[0] + c * w.fs[1] + i * w.fs[2] + j * w.fs[3]};
+  return {b, row * w.ss[0] + c * w.ss[1] + (cy + i) * w.ss[2], b * w.fs[0] + c * w.fs[1] + i * w.fs[2], cx, flip[b]};
 }
 
-// One thread per output element (b, c, i, j) of the (B, C, H, W) window.
+// Threads of a window block: a whole number of warps over the columns (at most kThreads), the rest over rows.
+dim3 window_block(int64_t width) {
+  const int tx = static_cast<int>(std::min<int64_t>((width + 31) / 32 * 32, kThreads));
+  return dim3(tx, kThreads / tx);
+}
+
 template <typename scalar_t>
-__global__ void omega_gather_kernel(const scalar_t* __restrict__ store, const int64_t* __restrict__ index,
-                                    const int64_t* __restrict__ crop, const bool* __restrict__ flip,
-                                    scalar_t* __restrict__ out, WindowArgs w) {
-  const int64_t total = w.b * w.c * w.h * w.w;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const WindowAt at = window_at(w, index, crop, flip, o);
-    out[at.frame] = store[at.store];
+__global__ void __launch_bounds__(kThreads) omega_gather_kernel(
+    const scalar_t* __restrict__ store, const int64_t* __restrict__ index, const int64_t* __restrict__ crop,
+    const bool* __restrict__ flip, scalar_t* __restrict__ out, WindowArgs w) {
+  const int64_t rows = w.b * w.c * w.h;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += stride) {
+    const WindowRow at = window_row(w, index, crop, flip, r);
+    for (int64_t j = threadIdx.x; j < w.w; j += blockDim.x) {
+      out[at.frame + j * w.fs[3]] = store[at.store + window_col(at.cx, j, w.w, at.flip) * w.ss[3]];
+    }
   }
 }
 
 template <typename scalar_t, bool kR>
-__global__ void omega_update_kernel(scalar_t* __restrict__ store, const int64_t* __restrict__ index,
-                                    const int64_t* __restrict__ crop, const bool* __restrict__ flip,
-                                    const int64_t* __restrict__ src, const scalar_t* __restrict__ g,
-                                    const at::opmath_type<scalar_t>* __restrict__ ratio, WindowArgs w) {
+__global__ void __launch_bounds__(kThreads) omega_update_kernel(
+    scalar_t* __restrict__ store, const int64_t* __restrict__ index, const int64_t* __restrict__ crop,
+    const bool* __restrict__ flip, const int64_t* __restrict__ src, const scalar_t* __restrict__ g,
+    const at::opmath_type<scalar_t>* __restrict__ ratio, WindowArgs w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t r = *ratio;
-  const int64_t total = w.b * w.c * w.h * w.w;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
-    const int64_t b = o / (w.w * w.h * w.c);
+  const acc_t ratio_v = *ratio;
+  const int64_t rows = w.b * w.c * w.h;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += stride) {
+    const int64_t b = r / (w.h * w.c);
     if (src[b] != b) continue;  // a repeated example: its first occurrence writes
-    const WindowAt at = window_at(w, index, crop, flip, o);
-    scalar_t& v = store[at.store];
-    v = omega_new<scalar_t, acc_t, kR>(v, sign<acc_t>(static_cast<acc_t>(g[at.frame])), r);
+    const WindowRow at = window_row(w, index, crop, flip, r);
+    for (int64_t j = threadIdx.x; j < w.w; j += blockDim.x) {
+      scalar_t& v = store[at.store + window_col(at.cx, j, w.w, at.flip) * w.ss[3]];
+      v = omega_new<scalar_t, acc_t, kR>(v, sign<acc_t>(static_cast<acc_t>(g[at.frame + j * w.fs[3]])), ratio_v);
+    }
   }
 }
 
@@ -394,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_fwd(const at::Tensor& x, const a
     with_bool(round, [&](auto kr) {
       InitFwd<scalar_t, decltype(kr)::value> op{
           x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(scalar_bound(eps, x, round)), x0.mutable_data_ptr<scalar_t>(),
+          static_cast<acc_t>(clamp_bound(eps, x, round)), x0.mutable_data_ptr<scalar_t>(),
           d0.mutable_data_ptr<scalar_t>()};
       launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.omega, op.x0, op.d0}));
     });
@@ -418,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_init_bwd(const at::Tensor& grad_x0, c
       InitBwd<scalar_t, decltype(kr)::value> op{
           grad_x0.const_data_ptr<scalar_t>(), has_gd ? grad_d0->const_data_ptr<scalar_t>() : nullptr,
           x.const_data_ptr<scalar_t>(), omega.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(scalar_bound(eps, x, round)), g_at_bound, grad_x.mutable_data_ptr<scalar_t>()};
+          static_cast<acc_t>(clamp_bound(eps, x, round)), g_at_bound, grad_x.mutable_data_ptr<scalar_t>()};
       grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(
           op, x.numel(), aligned16({op.gx0, op.gd0, op.x, op.omega, op.gx}), acc_options(x));
     });
@@ -439,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> sign_step_fwd(const at::Tensor& x, const at::
     with_bool(round, [&](auto kr) {
       StepFwd<scalar_t, decltype(kr)::value> op{
           x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          av.const_data_ptr<acc_t>(), static_cast<acc_t>(scalar_bound(eps, x, round)),
+          av.const_data_ptr<acc_t>(), static_cast<acc_t>(clamp_bound(eps, x, round)),
           x1.mutable_data_ptr<scalar_t>(), d1.mutable_data_ptr<scalar_t>()};
       launch_map<vec_of<scalar_t>()>(op, x.numel(), aligned16({op.x, op.d, op.g, op.x1, op.d1}));
     });
@@ -464,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_step_bwd(const at::Tensor& g
       StepBwd<scalar_t, decltype(kr)::value> op{
           grad_x1.const_data_ptr<scalar_t>(), has_gd ? grad_d1->const_data_ptr<scalar_t>() : nullptr,
           x.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          av.const_data_ptr<acc_t>(), static_cast<acc_t>(scalar_bound(eps, x, round)), g_at_bound,
+          av.const_data_ptr<acc_t>(), static_cast<acc_t>(clamp_bound(eps, x, round)), g_at_bound,
           grad_x.mutable_data_ptr<scalar_t>(), grad_d.mutable_data_ptr<scalar_t>()};
       grad_a = launch_reduce<vec_of<scalar_t>(), acc_t>(
           op, x.numel(), aligned16({op.gx1, op.gd1, op.x, op.d, op.g, op.gx, op.gd}), acc_options(x));
@@ -542,10 +554,11 @@ at::Tensor omega_gather(const at::Tensor& store, const at::Tensor& index, const 
   const c10::cuda::CUDAGuard guard(store.device());
   auto out = window_output(store, index.numel(), h, w);
   const WindowArgs wa = check_window(store, index, crop, flip, src, out);
-  const int64_t total = out.numel();
-  if (total == 0) return out;
+  if (out.numel() == 0) return out;
+  const dim3 block = window_block(wa.w);
+  const int grid = grid_for(wa.b * wa.c * wa.h * block.x);  // ceil(rows / block.y) blocks, capped like the others
   APART_DISPATCH(store.scalar_type(), "omega_gather", [&] {
-    omega_gather_kernel<scalar_t><<<grid_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    omega_gather_kernel<scalar_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
         store.const_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), crop.const_data_ptr<int64_t>(),
         flip.const_data_ptr<bool>(), out.mutable_data_ptr<scalar_t>(), wa);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -563,13 +576,14 @@ void omega_update(const at::Tensor& store, const at::Tensor& index, const at::Te
   const c10::cuda::CUDAGuard guard(store.device());
   const auto r = step_as_acc(ratio, store);
   const bool round = rounds_step(ratio, store);
-  const int64_t total = g.numel();
-  if (total == 0) return;
+  if (g.numel() == 0) return;
+  const dim3 block = window_block(wa.w);
+  const int grid = grid_for(wa.b * wa.c * wa.h * block.x);
   APART_DISPATCH(store.scalar_type(), "omega_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_bool(round, [&](auto kr) {
       omega_update_kernel<scalar_t, decltype(kr)::value>
-          <<<grid_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
               store.mutable_data_ptr<scalar_t>(), index.const_data_ptr<int64_t>(), crop.const_data_ptr<int64_t>(),
               flip.const_data_ptr<bool>(), src.const_data_ptr<int64_t>(), g.const_data_ptr<scalar_t>(),
               r.const_data_ptr<acc_t>(), wa);

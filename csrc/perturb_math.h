@@ -8,10 +8,11 @@
 //  - `kRoundStep`: a 0-d step size is cast to the data's dtype before it multiplies a tensor of that
 //    dtype, so `a*s`, `d + a*s` and `omega + r*s` are tensors of the data's dtype (rounded); a
 //    (1,)-shaped one takes part in promotion and they are fp32 tensors (not rounded).
-//  - the clamp bound `eps` is passed in already rounded or not by the caller (`scalar_bound` in
-//    perturb_checks.h): PyTorch's CPU kernels cast a Python-scalar operand to the data's dtype, its
-//    CUDA kernels keep it in the opmath type (fp32). A bound is only ever compared with or clamps a value
-//    that is then rounded, so the outputs agree either way; the backward masks at the bound do not.
+//  - the clamp bound `eps` is passed in already rounded or not by the caller (perturb_checks.h):
+//    `clamp_bound` rounds it to the data's dtype wherever the clamped value is a tensor of that dtype, on
+//    every device, since autograd's clamp masks compare in that dtype on the CPU and on CUDA alike (the
+//    outputs agree with either bound: the clamped value is rounded afterwards); `scalar_bound` gives
+//    pgd_step's `x -+ eps` the device's rule (CPU: rounded, CUDA: fp32), which does change its output.
 // For fp32/fp64 every rounding is the identity and both conventions coincide.
 #pragma once
 

@@ -3,8 +3,9 @@
 The tensors of one elementwise op are dense in one shared memory format (any: NCHW, channels_last, ...; the
 outputs take it through ``empty_like``), else the wrappers raise a one-line ValueError; the omega kernels address
 the store and the image-frame tensor through their strides. Kernels launch under their tensors' CUDA device
-(``cuda:N``). A Python-scalar eps is rounded to fp16/bf16 data's dtype first on CPU tensors only (the interpreter),
-as PyTorch's CPU kernels do; on CUDA it stays fp32, as PyTorch's CUDA kernels keep it. Step sizes (``a``,
+(``cuda:N``). pgd_step rounds a Python-scalar eps to fp16/bf16 data's dtype before ``x -+ eps`` on CPU tensors only
+(the interpreter), as PyTorch's CPU kernels do; on CUDA it stays fp32, as PyTorch's CUDA kernels keep it. A clamp
+bound meeting a tensor of the data's dtype is rounded to it on every device (``_utils.step_launch``). Step sizes (``a``,
 ``a_init``, ``ratio``) are one-element tensors read by pointer inside the kernels, so launches never sync with the
 host and can be captured in a CUDA graph.
 Their shape matters as in PyTorch's type promotion: a 0-d step size is rounded to fp16/bf16 data's dtype before

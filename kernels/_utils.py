@@ -42,11 +42,11 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def rounds_bound(data: torch.Tensor, rounded: bool) -> bool:
-    """Whether a Python-scalar bound (eps) is rounded to ``data``'s dtype where it meets a tensor of that dtype.
+    """Whether a Python-scalar operand (pgd_step's eps in ``x -+ eps``) is rounded to ``data``'s dtype first.
 
-    ``rounded``: that tensor is fp16/bf16. PyTorch's CPU kernels cast a scalar operand to the tensor's dtype;
-    its CUDA kernels read it in the opmath type (fp32) unrounded. The kernels follow their tensors' device
-    (CPU tensors run only under ``TRITON_INTERPRET=1``).
+    ``rounded``: the tensor it meets is fp16/bf16. PyTorch's CPU arithmetic kernels cast a scalar operand to the
+    tensor's dtype; its CUDA ones read it in the opmath type (fp32) unrounded. The kernels follow their tensors'
+    device (CPU tensors run only under ``TRITON_INTERPRET=1``). Clamp bounds need no such rule: see ``step_launch``.
     """
     return rounded and data.device.type == "cpu"
 
@@ -85,11 +85,17 @@ def step_dtype(step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype
 
 def step_launch(x: torch.Tensor, step: torch.Tensor, data_dtype: torch.dtype) -> tuple[torch.dtype, dict]:
     """``(PROD dtype, launch constants)`` of a step-size kernel (perturb_init, sign_step; forward and backward)
-    on image ``x``, with ``step`` multiplying data of ``data_dtype``: COMPUTE, PROD, ROUND_A, ROUND_EPS, BLOCK_SIZE
-    and num_warps, so every such launch derives them the same way (``step_dtype``, ``rounds_bound``)."""
+    on image ``x``, with ``step`` multiplying data of ``data_dtype``: COMPUTE, PROD, ROUND_A, BLOCK_SIZE and
+    num_warps, so every such launch derives them the same way (``step_dtype``).
+
+    The same on every device: where ``ROUND_A`` makes the clamped value a tensor of the data's dtype, the kernels
+    round the clamp bound eps to that dtype too. The forward output is the same with either bound (the clamped
+    value is rounded to that dtype afterwards), and autograd's clamp mask is ``lo < v < hi`` (or ``<=``) with a
+    Python-scalar bound, whose compare kernels cast the scalar to ``v``'s dtype on the CPU and on CUDA alike.
+    """
     prod, round_a = step_dtype(step, data_dtype)
     return prod, dict(COMPUTE=tl_dtype(compute_dtype(x.dtype)), PROD=tl_dtype(prod), ROUND_A=round_a,
-                      ROUND_EPS=rounds_bound(x, round_a), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+                      BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
 
 
 @functools.lru_cache(maxsize=256)

@@ -29,14 +29,13 @@ from ._utils import (
 
 @triton.jit
 def _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
-                         PROD: tl.constexpr, ROUND_A: tl.constexpr, ROUND_EPS: tl.constexpr):
+                         PROD: tl.constexpr, ROUND_A: tl.constexpr):
     """Forward and backward alike: x, omega, ``v = a_init*omega`` and eps, rounded where the reference rounds."""
     odt = omega_ptr.dtype.element_ty
     a = tl.load(a_init_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
+    if ROUND_A:  # the clamped value is a tensor of the data's dtype: so is its bound (_utils.step_launch)
         a = a.to(odt)
-    if ROUND_EPS:
         eps = eps.to(odt).to(PROD)
     a = a.to(PROD)
     omega = tl.load(omega_ptr + offs, mask=mask, other=0.0).to(PROD)
@@ -60,15 +59,14 @@ def _perturb_init_fwd_kernel(
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
     PROD: tl.constexpr,  # arithmetic dtype of a_init*omega in the reference (see _utils.step_dtype)
-    ROUND_A: tl.constexpr,  # 0-d a_init, fp16/bf16 omega: a_init and a_init*omega are omega's dtype
-    ROUND_EPS: tl.constexpr,  # eps is rounded to the data's dtype too (ROUND_A on CPU tensors: _utils.rounds_bound)
+    ROUND_A: tl.constexpr,  # 0-d a_init, fp16/bf16 omega: a_init, a_init*omega and eps are omega's dtype
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
-                                            PROD, ROUND_A, ROUND_EPS)
+                                            PROD, ROUND_A)
     d0 = clamp(v, -eps, eps).to(x0_ptr.dtype.element_ty)
     x0 = clamp(x + d0.to(COMPUTE), 0.0, 1.0)
     tl.store(d0_ptr + offs, d0, mask=mask)
@@ -93,7 +91,6 @@ def _perturb_init_bwd_kernel(
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     ROUND_A: tl.constexpr,
-    ROUND_EPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -101,7 +98,7 @@ def _perturb_init_bwd_kernel(
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
     x, omega, v, eps = _perturb_init_inputs(x_ptr, omega_ptr, a_init_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE,
-                                            PROD, ROUND_A, ROUND_EPS)
+                                            PROD, ROUND_A)
     m_eps0 = inside(v, -eps, eps, BOUND_PASSES)
     d0 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d0 is a tensor of x's dtype in the reference: round it before testing the image bounds.

@@ -27,14 +27,13 @@ from ._utils import (
 
 @triton.jit
 def _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE: tl.constexpr,
-                      PROD: tl.constexpr, ROUND_A: tl.constexpr, ROUND_EPS: tl.constexpr):
+                      PROD: tl.constexpr, ROUND_A: tl.constexpr):
     """Forward and backward alike: x, sign(g), ``v = d + a*sign(g)`` and eps, rounded where the reference rounds."""
     ddt = d_ptr.dtype.element_ty
     a = tl.load(a_ptr)
     eps = wide_scalar(eps_hi, eps_mid, eps_lo, PROD)
-    if ROUND_A:
+    if ROUND_A:  # the clamped value is a tensor of the data's dtype: so is its bound (_utils.step_launch)
         a = a.to(ddt)
-    if ROUND_EPS:
         eps = eps.to(ddt).to(PROD)
     a = a.to(PROD)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -60,8 +59,7 @@ def _sign_step_fwd_kernel(
     eps_lo,
     COMPUTE: tl.constexpr,  # arithmetic dtype of x (fp32, or fp64 for fp64 data)
     PROD: tl.constexpr,  # arithmetic dtype of d + a*sign(g) in the reference (see _utils.step_dtype)
-    ROUND_A: tl.constexpr,  # 0-d a, fp16/bf16 d: a, a*sign(g) and d + a*sign(g) are d's dtype
-    ROUND_EPS: tl.constexpr,  # eps is rounded to d's dtype too (ROUND_A on CPU tensors: _utils.rounds_bound)
+    ROUND_A: tl.constexpr,  # 0-d a, fp16/bf16 d: a, a*sign(g), d + a*sign(g) and eps are d's dtype
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -69,7 +67,7 @@ def _sign_step_fwd_kernel(
     mask = offs < n_elements
     dtype = x1_ptr.dtype.element_ty
     x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
-                                     ROUND_A, ROUND_EPS)
+                                     ROUND_A)
     d1 = clamp(v, -eps, eps).to(dtype)
     x1 = clamp(x + d1.to(COMPUTE), 0.0, 1.0)
     tl.store(d1_ptr + offs, d1, mask=mask)
@@ -96,7 +94,6 @@ def _sign_step_bwd_kernel(
     COMPUTE: tl.constexpr,
     PROD: tl.constexpr,
     ROUND_A: tl.constexpr,
-    ROUND_EPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -104,7 +101,7 @@ def _sign_step_bwd_kernel(
     mask = offs < n_elements
     dtype = grad_x_ptr.dtype.element_ty
     x, s, v, eps = _sign_step_inputs(x_ptr, d_ptr, g_ptr, a_ptr, offs, mask, eps_hi, eps_mid, eps_lo, COMPUTE, PROD,
-                                     ROUND_A, ROUND_EPS)
+                                     ROUND_A)
     m_eps1 = inside(v, -eps, eps, BOUND_PASSES)
     d1 = clamp(v, -eps, eps).to(dtype).to(COMPUTE)
     # x + d1 is a tensor of x's dtype in the reference: round it before testing the image bounds.

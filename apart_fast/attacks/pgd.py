@@ -300,6 +300,7 @@ def evaluate(
     backend: str = "auto",
     random_start: bool = True,
     cuda_graphs: bool = True,
+    loop: PGDLoop | None = None,
 ) -> dict[str, Any]:
     """Clean and PGD accuracy of ``model`` on ``(x, y)``, batch by batch, in eval mode.
 
@@ -309,7 +310,8 @@ def evaluate(
     The random starts come from a generator seeded with ``seed``, so results are reproducible;
     ``random_start=False`` starts at ``x`` (FGSM is ``steps=1, step=eps, random_start=False``).
     ``batch_size`` None sizes batches to the device (``auto_batch_size``). On CUDA the PGD steps run as
-    one captured graph per batch shape (``PGDLoop``; ``cuda_graphs=False`` runs them eagerly), in fp32.
+    one captured graph per batch shape (``PGDLoop``; ``cuda_graphs=False`` runs them eagerly), in fp32. ``loop``: a
+    ``PGDLoop`` kept across calls (its graphs captured once), built for this model, loss, eps, step, steps and backend.
     """
     if steps > 0:
         _check_attack_args(eps, step, steps, restarts, loss)
@@ -332,7 +334,12 @@ def evaluate(
     loss_fn = _loss_fn(loss)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
-    loop = PGDLoop(model, loss_fn, eps, step, steps, backend, graphs=cuda_graphs and dev.type == "cuda")
+    if loop is None:
+        loop = PGDLoop(model, loss_fn, eps, step, steps, backend, graphs=cuda_graphs and dev.type == "cuda")
+    elif loop.model is not model or loop.loss_fn is not loss_fn or \
+            (loop.eps, loop.step, loop.steps, loop.backend) != (eps, step, steps, backend):
+        raise ValueError("loop was built for another model or attack; pass a PGDLoop made with this call's model, loss, "
+                         "eps, step, steps and backend")
 
     starts = range(0, n, batch_size)
     if progress:

@@ -17,7 +17,13 @@ optimizer, method state (APART's per-example store) and the dataset's device cop
 
 Launches: after timing, one more step of each method runs under torch.profiler and its kernel
 launches are counted (``bench.launches``: kernel-launching leaf aten calls on the CPU, CUDA kernels
-and copies on a GPU), so a launch-count regression shows in the table beside ms/step.
+and copies on a GPU), so a launch-count regression shows in the table beside ms/step. The timings are
+written (cost.json, cost.md) before that count, and on a GPU the profiler is started once before any
+Run exists: its first start after a CUDA-graph capture can hang on some CUDA versions, and a hang then
+loses nothing measured.
+
+With ``--compile``, ``torch._dynamo``'s counters give each method's frames compiled at its first step and
+after it (recompiles), its graphs and its graph breaks (with their reasons), in cost.json's ``compile``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import statistics
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +129,7 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1, apart: dict[s
     return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
-                  cuda_graphs=None if method == "free" else opts.cuda_graphs, compile=opts.compile,
+                  cuda_graphs=opts.cuda_graphs, compile=opts.compile,
                   compile_backend=opts.compile_backend, ema=opts.ema, apart=ApartConfig(**(apart or {}))).validate()
 
 
@@ -220,6 +226,8 @@ class _Timed:
         self.times: list[float] = []
         self.peak_bytes: int | None = None
         self.last: dict[str, torch.Tensor] = {}
+        self.compiled = opts.compile
+        self.dynamo: list[dict[str, Any]] = []  # counters before the first step, after it, after the last
 
     def steps(self, count: int, record: bool, bar: tqdm) -> None:
         cuda = self.device.type == "cuda"
@@ -227,6 +235,8 @@ class _Timed:
         step = self.run.stepper if self.run.stepper is not None else self.run.step
         for _ in range(count):
             batch = next(self.stream)
+            if self.compiled and not self.dynamo:
+                self.dynamo.append(_dynamo_counters())
             if cuda:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
@@ -234,9 +244,22 @@ class _Timed:
             if cuda:
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
+            if self.compiled and len(self.dynamo) == 1:
+                self.dynamo.append(_dynamo_counters())
             if record:
                 self.times.append(dt)
             bar.update(1)
+        if self.compiled:
+            self.dynamo[2:] = [_dynamo_counters()]
+
+    def compile_report(self) -> dict[str, Any]:
+        """Frames compiled at the first step and after it (recompiles), graphs and graph breaks of this method's steps."""
+        first, after_first, last = self.dynamo[0], self.dynamo[1], self.dynamo[-1]
+        breaks = {k: v - first["graph_break"].get(k, 0) for k, v in last["graph_break"].items()}
+        breaks = {k: v for k, v in breaks.items() if v > 0}
+        return {"frames_first_step": after_first["frames"] - first["frames"], "frames_later": last["frames"] - after_first["frames"],
+                "graphs": last["graphs"] - first["graphs"], "graph_breaks": sum(breaks.values()),
+                "graph_break_reasons": [(k.strip().splitlines()[0][:160], v) for k, v in sorted(breaks.items(), key=lambda kv: -kv[1])]}
 
     def launches(self) -> dict[str, Any]:
         """Kernel launches of one more (untimed) step of the engine, under the profiler."""
@@ -249,13 +272,24 @@ class _Timed:
             self.peak_bytes = self.memory.peak()
 
 
-def measure(opts: CostOptions, data: ImageData,
-            variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> tuple[list[dict[str, Any]], str]:
+def _dynamo_counters() -> dict[str, Any]:
+    """torch._dynamo's running totals: frames compiled, graphs, graph breaks by reason."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"]["total"], "graphs": counters["stats"]["unique_graphs"],
+            "graph_break": dict(counters["graph_break"])}
+
+
+def measure(opts: CostOptions, data: ImageData, variants: dict[str, tuple[str, dict[str, Any]]] | None = None,
+            save: Callable[[list[dict[str, Any]], str], None] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name.
-    ``variants``: more rows, name -> (method, ApartConfig overrides), e.g. APART's ablations."""
+    ``variants``: more rows, name -> (method, ApartConfig overrides), e.g. APART's ablations.
+    ``save(rows, memory_kind)`` is called with the timed rows before the launches are counted."""
     from apart_fast.engine.loop import resolve_device
 
     device = resolve_device(opts.device)
+    if device.type == "cuda":  # start the profiler (Kineto) once before any capture: see the module docstring
+        count_launches(lambda: torch.empty(1, device=device).zero_(), device)
     todo = [(m, m, None) for m in opts.methods] + [(name, m, over) for name, (m, over) in (variants or {}).items()]
     total = len(todo) * (opts.warmup + opts.steps * opts.rounds)
     bar = tqdm(total=total, desc="bench cost", unit="step", disable=not opts.progress, dynamic_ncols=True)
@@ -264,6 +298,8 @@ def measure(opts: CostOptions, data: ImageData,
         prime = _Timed(opts, opts.methods[0], data, device)
         prime.steps(1, record=False, bar=tqdm(disable=True))
         del prime
+        if opts.compile:
+            torch._dynamo.reset()  # the first method compiles afresh: its compile report counts its own frames
     try:
         for name, m, over in todo:  # round 1 builds each Run in turn and measures its memory
             bar.set_description(f"bench cost: {name}")
@@ -276,9 +312,24 @@ def measure(opts: CostOptions, data: ImageData,
             for t in timed:
                 bar.set_description(f"bench cost: {t.name} (round {r + 1})")
                 t.steps(opts.steps, record=True, bar=bar)
-        launches = {t.name: t.launches() for t in timed}
     finally:
         bar.close()
+    rows = _rows(opts, data, timed)
+    kind = timed[0].memory.kind if timed else ""
+    if save is not None:
+        save(rows, kind)
+    for r, t in zip(rows, timed):
+        n = t.launches()
+        r.update(launches_per_step=n["total"], launch_kind=n["kind"], launches_by_op=n["by_op"])
+        del t.run
+    timed.clear()
+    gc.collect()
+    return rows, kind
+
+
+def _rows(opts: CostOptions, data: ImageData, timed: list[_Timed]) -> list[dict[str, Any]]:
+    """One row per timed method: step time statistics, per-epoch cost, memory, ratios; launches come later."""
+    device = timed[0].device if timed else torch.device(opts.device)
     n_train = int(data.train_x.shape[0])
     epoch_size = opts.epoch_size or n_train
     rows = []
@@ -307,16 +358,11 @@ def measure(opts: CostOptions, data: ImageData,
             "peak_mem_bytes": t.peak_bytes,
             "last_loss": float(loss) / float(n) if loss is not None and n is not None else None,
             "backend": _resolved_backend(opts.backend, device),
-            "launches_per_step": launches[t.name]["total"],
-            "launch_kind": launches[t.name]["kind"],
-            "launches_by_op": launches[t.name]["by_op"],
         })
-        del t.run
+        if t.compiled:
+            rows[-1]["compile"] = t.compile_report()
     _add_ratios(rows)
-    kind = timed[0].memory.kind if timed else ""
-    timed.clear()
-    gc.collect()
-    return rows, kind
+    return rows
 
 
 def _resolved_backend(backend: str, device: torch.device) -> str:
@@ -370,26 +416,31 @@ def run_cost(opts: CostOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = load_bench_data(opts)
     env = environment(opts.device)
-    rows, mem_kind = measure(opts, data)
+
+    def result_of(rows: list[dict[str, Any]], mem_kind: str) -> dict[str, Any]:
+        result = {
+            "env": env,
+            "options": asdict(opts),
+            "config": method_config(opts, opts.methods[0]).to_dict(),
+            "data": {"name": data.name, "n_train": int(data.train_x.shape[0]), "image_size": list(data.image_size),
+                     "channels": data.channels, "epoch_size": opts.epoch_size or int(data.train_x.shape[0])},
+            "timing": "median of per-step wall time after warm-up; data drawing excluded"
+                      + ("; torch.cuda.synchronize before and after each step" if env["device"].startswith("cuda") else ""),
+            "memory": mem_kind,
+            "rows": rows,
+            "claims": claims(rows),
+        }
+        (out / "cost.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "cost.md").write_text(markdown(result))
+        return result
+
+    rows, mem_kind = measure(opts, data, save=result_of)  # written once timed, again with the launches
     env["load_avg_after_timing"] = _load()
     trained = train_and_eval(opts, data, out) if opts.train_epochs else {}
     for r in rows:
         if r["method"] in trained:
             r["train"] = trained[r["method"]]
-    result = {
-        "env": env,
-        "options": asdict(opts),
-        "config": method_config(opts, opts.methods[0]).to_dict(),
-        "data": {"name": data.name, "n_train": int(data.train_x.shape[0]), "image_size": list(data.image_size),
-                 "channels": data.channels, "epoch_size": opts.epoch_size or int(data.train_x.shape[0])},
-        "timing": "median of per-step wall time after warm-up; data drawing excluded"
-                  + ("; torch.cuda.synchronize before and after each step" if env["device"].startswith("cuda") else ""),
-        "memory": mem_kind,
-        "rows": rows,
-    }
-    result["claims"] = claims(rows)
-    (out / "cost.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "cost.md").write_text(markdown(result))
+    result = result_of(rows, mem_kind)
     plot(result, out / "cost.png")
     result["out"] = str(out)
     return result
@@ -450,7 +501,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"epoch = {d['epoch_size']} examples",
         f"- timing: {result['timing']}; {o['warmup']} warm-up + {o['steps']} timed steps x {o['rounds']} round(s) per method",
         f"- memory: {result['memory']}",
-        f"- launches: per step, {rows[0]['launch_kind'] if rows else '-'} of one more step, under torch.profiler",
+        f"- launches: per step, {rows[0].get('launch_kind', 'not counted yet') if rows else '-'} of one more step, "
+        "under torch.profiler",
         "",
         f"- CUDA graphs: {', '.join(r['label'] for r in rows if r.get('cuda_graphs')) or 'none'}; "
         f"torch.compile: {o.get('compile_backend', 'inductor') if o.get('compile') else 'off'}; weight averaging: "

@@ -34,7 +34,8 @@ from apart_fast.data import Batch
 class GraphStep:
     """Calls ``step(batch)`` through static batch buffers: ``warmup`` eager steps on a side stream, then
     one capture, then replays. ``capture=False`` (and every CPU run) keeps calling it eagerly through
-    the same buffers. ``generators``: custom CUDA generators the step draws from (PGD's random start)."""
+    the same buffers. ``generators``: the method's own generators the step draws from (random starts),
+    registered with the graph on CUDA (a draw from any other generator would replay frozen numbers)."""
 
     def __init__(self, step: Callable[[Batch], Any], capture: bool, warmup: int = 3,
                  generators: list[torch.Generator] | None = None) -> None:

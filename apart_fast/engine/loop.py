@@ -378,6 +378,11 @@ class Run:
         self.model = model.to(self.device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms once
+        # fp32 means fp32, process-wide like cudnn.benchmark: --amp none's convolutions and matmuls and the fp32 stem
+        # under autocast (models.sites.full_precision) would otherwise run in TF32 on Ampere and later (cuDNN's
+        # default), whose spacing (~5e-4 near 1) swallows small step sizes such as the APART script's 1e-4 start.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         channels_last = bool(cfg.channels_last if cfg.channels_last is not None else cuda)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -435,9 +440,9 @@ class Run:
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0  # process CPU time of the training steps (other jobs on the machine do not add to it)
         self.best_robust, self.best_epoch = -1.0, 0  # validation robust accuracy of model_best.pt
-        self.buffers = BufferGuard(self.model)
-        gens = [self.method.generator] if cuda else []
-        self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=gens) if self.graphs else None
+        self.buffers = BufferGuard(self.model, sync_free=True if self.graphs else None)  # graphs: CUDA's branch everywhere
+        self.stepper = GraphStep(self.step, capture=self.graphs and cuda, generators=[self.method.generator]) \
+            if self.graphs else None
         self.faults = FaultMonitor(self.device, min(cfg.log_interval, len(self.loader)))
         self.faults_before = 0  # faults of earlier starts of this run: --max-faults counts this start's only
         self.saved_at: tuple[int, int, int] | None = None  # (epoch, step in epoch, step) of this run's checkpoint.pt

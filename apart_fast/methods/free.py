@@ -18,11 +18,16 @@ if TYPE_CHECKING:
 
 
 class Free(Method):
-    """m replays per batch; the perturbation persists across replays and batches."""
+    """m replays per batch; the perturbation persists across replays and batches.
+
+    The perturbation lives in one buffer of the batch's shape (Shafahi et al.'s global noise), updated in place: a
+    batch uses its first B rows, so a smaller last batch (``--keep-last-batch``) carries those rows over, and the
+    buffer keeps its address, which a CUDA-graph step reads and writes at every replay. It is replaced (zeros) only
+    when a batch is larger or has another image shape.
+    """
 
     name = "free"
     passes = 1  # per replay; a step is m replays, see step()
-    capturable = False  # its perturbation is re-bound every replay and reset on a shape change
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -31,20 +36,22 @@ class Free(Method):
         self.delta: Tensor | None = None
 
     def _delta_for(self, x: Tensor) -> Tensor:
-        if self.delta is None or self.delta.shape != x.shape:
+        """The perturbation of ``x``'s examples: a view of the first ``len(x)`` rows of the buffer."""
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.shape[0] < x.shape[0]:
             self.delta = torch.zeros_like(x)
-        return self.delta
+        return self.delta[: x.shape[0]]
 
     def perturb(self, batch: Batch) -> Tensor:
         return torch.clamp(batch.x + self._delta_for(batch.x), 0.0, 1.0)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         x, y, eps = batch.x, batch.y, self.cfg.eps
+        delta = self._delta_for(x)
         out: dict[str, Tensor] = {}
         all_ok = torch.ones((), dtype=torch.bool, device=x.device)
         faults = torch.zeros((), dtype=torch.bool, device=x.device)
         for _ in range(self.cfg.free_replays):
-            x_adv = torch.clamp(x + self._delta_for(x), 0.0, 1.0).requires_grad_(True)
+            x_adv = torch.clamp(x + delta, 0.0, 1.0).requires_grad_(True)
             with self.precision.autocast():
                 logits = self.model(x_adv)
                 loss = F.cross_entropy(logits, y)
@@ -53,8 +60,8 @@ class Free(Method):
             # The same backward yields the input gradient for the next perturbation (its sign only).
             ok = self.finish_backward(loss, gather_grads(self.optimizer), [x_adv.grad])
             faults = faults | self.step_fault
-            delta = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
-            self.delta = torch.where(ok, delta, self._delta_for(x))  # a faulty replay keeps the old perturbation
+            new = ops.pgd_step(x_adv.detach(), x, x_adv.grad, eps, eps, backend=self.cfg.backend) - x
+            delta.copy_(torch.where(ok, new, delta))  # a faulty replay keeps the old perturbation
             self.update_model(ok)
             all_ok = all_ok & ok
             out = self.metrics(loss, logits, y)
@@ -72,12 +79,16 @@ class Free(Method):
     def load_rank_state(self, state: dict | None) -> None:
         super().load_rank_state(state)
         if state is not None:
-            self._load_delta(state["delta"])  # a different per-rank batch size resets it (``_delta_for``)
+            self._load_delta(state["delta"])  # a larger per-rank batch or another image shape replaces it (``_delta_for``)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._load_delta(state["delta"])
 
     def _load_delta(self, delta: Tensor | None) -> None:
-        """The saved perturbation on this run's device (checkpoints are read onto the CPU)."""
-        self.delta = None if delta is None else delta.to(self.device)
+        """The saved perturbation on this run's device (checkpoints are read onto the CPU), copied into the buffer
+        in place where it has the buffer's shape."""
+        if delta is not None and self.delta is not None and delta.shape == self.delta.shape:
+            self.delta.copy_(delta)
+        else:
+            self.delta = None if delta is None else delta.to(self.device)

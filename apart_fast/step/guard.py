@@ -82,14 +82,15 @@ def conditional_step(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
 
 class BufferGuard:
     """Snapshot of a model's buffers (BatchNorm running statistics) restored where a step was faulty,
-    since a non-finite forward pass writes NaN into them before any check can run.
+    since a non-finite forward pass writes NaN into them before any check can run. ``sync_free``: restore with
+    ``torch.where`` (True) or, on the CPU, by a copy only when ``ok`` is False (False); None: by the device.
 
     The buffers become views of one flat tensor per dtype (values, shapes and layouts unchanged; they
     stay in ``state_dict``/``load_state_dict`` as before), so a snapshot is one copy and a restore one
     ``torch.where`` per dtype, whatever the number of layers.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sync_free: bool | None = None) -> None:
         self.buffers = [b for b in model.buffers() if b is not None]
         self.flats: list[Tensor] = []
         kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -101,7 +102,9 @@ class BufferGuard:
                 b.data = v
             self.flats.append(flat)
         self.saved: list[Tensor] = []
-        self.sync_free = any(f.device.type != "cpu" for f in self.flats)  # restore with torch.where, never reading ok
+        # restore with torch.where, never reading ok: on an accelerator, and wherever the step may be captured
+        # (``sync_free=True``: the CUDA-graph step, rehearsed on the CPU as CUDA runs it)
+        self.sync_free = any(f.device.type != "cpu" for f in self.flats) if sync_free is None else sync_free
 
     @torch.no_grad()
     def snapshot(self) -> None:

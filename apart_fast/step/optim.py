@@ -10,8 +10,8 @@ Python number, which a CUDA-graph capture would freeze, so the captured step kee
 params become views of ``flat_params`` and whose ``momentum_buffer`` states are views of
 ``flat_momentum``; ``state_dict``/``load_state_dict`` keep torch's format, so checkpoints are
 interchangeable with torch.optim.SGD's. ``step_if(ok)`` keeps the update where the 0-dim bool ``ok``
-is true (``torch.where`` on an accelerator, no sync): a skipped step leaves parameters and momentum
-bit-identical. lr and momentum are the param group's Python numbers
+is true (``torch.where`` on an accelerator or once bound to device lr and momentum, no sync): a skipped
+step leaves parameters and momentum bit-identical. lr and momentum are the param group's Python numbers
 (``CyclicSchedule``) or, after ``bind``, 0-dim device tensors (``DeviceSchedule``), which a CUDA graph
 capture does not freeze.
 
@@ -112,8 +112,12 @@ class FlatSGD(torch.optim.SGD):
             self._flatten([m.to(p.dtype) for p, m in zip(self.params, self.momentum_views)])
 
     def bind(self, lr: Tensor, momentum: Tensor) -> None:
-        """Use these 0-dim device tensors (updated in place by a ``DeviceSchedule``) as lr and momentum from now on."""
+        """Use these 0-dim device tensors (updated in place by a ``DeviceSchedule``) as lr and momentum from now on.
+
+        A bound optimizer is on the capturable path, so it keeps or undoes with ``torch.where`` on every device:
+        ``--cuda-graphs`` on the CPU (and the capture checker, ``engine.capture_check``) runs the branch CUDA runs."""
         self.lr_t, self.momentum_t = lr, momentum
+        self.sync_free = True
 
     @torch.no_grad()
     def gather_grads(self) -> list[Tensor]:
@@ -155,9 +159,10 @@ class FlatSGD(torch.optim.SGD):
         """One SGD update, kept where the 0-dim bool ``ok`` is true (None: always) and undone bit-exactly
         otherwise; parameters without a gradient are left alone, as torch.optim.SGD does.
 
-        On an accelerator the new values are computed beside the old ones and ``torch.where`` keeps
-        one or the other (no sync, capturable). On the CPU ``ok`` is already in host memory, so the
-        update runs in place or not at all (same values: the same ops write into other buffers).
+        On an accelerator, and once ``bind``-ed on any device, the new values are computed beside the old ones
+        and ``torch.where`` keeps one or the other (no sync, capturable). Otherwise, on the CPU, ``ok`` is
+        already in host memory, so the update runs in place or not at all (same values: the same ops write
+        into other buffers).
         """
         group = self.param_groups[0]
         self.gather_grads()

@@ -66,3 +66,31 @@ def test_cuda_graph_loop_matches_eager_with_one_capture_per_shape():
     assert a == b
     size = auto_batch_size(model, (3, 8, 8), torch.device("cuda"))
     assert 1 <= size <= 4096 and size & (size - 1) == 0
+
+
+def test_evaluate_reuses_a_given_loop_and_refuses_one_for_another_attack():
+    """eval_speed times replays only: one PGDLoop across evaluate calls (its graphs captured once, on CUDA)."""
+    model = _model()
+    x, y = torch.rand(10, 3, 8, 8), torch.randint(0, 10, (10,))
+    loop = PGDLoop(model, ce_loss, EPS, EPS / 4, 3, "auto")
+    calls: list[int] = []
+    body = loop.body
+    loop.body = lambda *a: calls.append(1) or body(*a)  # type: ignore[method-assign]
+    assert evaluate(model, x, y, eps=EPS, step=EPS / 4, steps=3, batch_size=4, loop=loop) == \
+        evaluate(model, x, y, eps=EPS, step=EPS / 4, steps=3, batch_size=4)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="another model or attack"):
+        evaluate(model, x, y, eps=EPS, step=EPS / 2, steps=3, batch_size=4, loop=loop)
+
+
+def test_eval_speed_reports_backend_and_capture_seconds():
+    import importlib.util
+
+    from apart_fast.bench.env import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("eval_speed", REPO_ROOT / "benchmarks" / "eval_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = _model()
+    ips, capture_s = mod.measure(model, torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,)), 8)
+    assert ips > 0 and capture_s >= 0.0

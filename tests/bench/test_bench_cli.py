@@ -160,3 +160,32 @@ def test_cost_train_eval(tmp_path: Path) -> None:
         assert 0 <= t["test_clean_acc"] <= 1 and 0 <= t["test_robust_acc"] <= 1 and t["test_n"] == 16
     assert "| APART | 1 |" in (tmp_path / "cost.md").read_text().split("passes over data")[1]
     assert (tmp_path / "runs" / "apart" / "results.json").exists()
+
+
+def test_cost_writes_the_timings_before_counting_launches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch count that never returns (the profiler started after a CUDA-graph capture can hang) loses no timing:
+    cost.json already holds the timed rows when the count starts."""
+    from apart_fast.bench import cost
+
+    def hang(self):  # noqa: ANN001, ANN202
+        doc = json.loads((tmp_path / "cost.json").read_text())
+        assert [r["method"] for r in doc["rows"]] == ["clean"] and doc["rows"][0]["s_per_step"] > 0
+        assert "launches_per_step" not in doc["rows"][0]
+        raise TimeoutError("the profiler hung")
+
+    monkeypatch.setattr(cost._Timed, "launches", hang)
+    with pytest.raises(TimeoutError):
+        run_cost(CostOptions(methods=["clean"], model="smallcnn", width=4, synthetic_n=64, batch_size=16, warmup=0,
+                             steps=1, out=str(tmp_path), progress=False))
+
+
+def test_cost_compile_reports_frames_recompiles_and_graph_breaks(tmp_path: Path) -> None:
+    res = run_cost(CostOptions(methods=["clean", "apart"], model="smallcnn", width=4, synthetic_n=64, batch_size=16,
+                               warmup=1, steps=2, compile=True, compile_backend="aot_eager", out=str(tmp_path), progress=False))
+    for r in res["rows"]:
+        c = r["compile"]
+        assert c["frames_first_step"] > 0 and c["frames_later"] >= 0 and c["graphs"] > 0, c
+        assert c["graph_breaks"] == sum(n for _, n in c["graph_break_reasons"])
+    # APART's pass 1 records its sites outside the compiled graph (PerturbSite._record): at least one break per site
+    assert res["rows"][1]["compile"]["graph_breaks"] >= 2
+    assert "disable" in res["rows"][1]["compile"]["graph_break_reasons"][0][0]

@@ -8,6 +8,7 @@ import torch
 
 from apart_fast.config import ApartConfig, Config
 from apart_fast.engine import checkpoint
+from apart_fast.engine.capture_check import capturable
 from apart_fast.engine.loop import Run, train
 from apart_fast.step.optim import DeviceSGD
 from apart_fast.step.schedule import CyclicSchedule, DeviceSchedule
@@ -65,15 +66,16 @@ def test_static_buffer_step_matches_plain_step_on_cpu(tmp_path, method):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["apart", "pgd", "clean"])
+@pytest.mark.parametrize("method", ["apart", "pgd", "clean", "fgsm_rs", "nfgsm", "free", "gradalign"])
 def test_captured_step_matches_eager_on_gpu(tmp_path, monkeypatch, method):
     """Replays of the captured step train what the same step run eagerly trains. cuDNN runs deterministic
     algorithms, the same in both runs (no benchmarking): otherwise its atomics change gradients by ~1e-6,
     enough to flip the sign of a near-zero dL/dx1 entry and move that omega entry by up to 2."""
-    kw = dict(device="cuda", amp="none", pgd_steps=2)
-    eager = Run(tiny(method, tmp_path / "a", cuda_graphs=True, **kw))
-    eager.stepper.capture = False  # type: ignore[union-attr]
-    captured = Run(tiny(method, tmp_path / "b", cuda_graphs=True, **kw))
+    kw = dict(device="cuda", amp="none", pgd_steps=2, free_replays=2)
+    with capturable(method):  # GradAlign stays eager in the engine: this is the check that would let it be captured
+        eager = Run(tiny(method, tmp_path / "a", cuda_graphs=True, **kw))
+        eager.stepper.capture = False  # type: ignore[union-attr]
+        captured = Run(tiny(method, tmp_path / "b", cuda_graphs=True, **kw))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # after Run, which turns it on
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     for run in (eager, captured):

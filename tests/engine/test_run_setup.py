@@ -51,3 +51,16 @@ def test_unknown_compile_backend_is_one_line(tmp_path):
                  compile_backend="nope")
     with pytest.raises(ConfigError, match="--compile-backend 'nope' is not a torch.compile backend; use inductor"):
         Run(cfg)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_a_run_turns_tf32_off(amp):
+    """TF32 (cuDNN's default for fp32 convolutions on Ampere and later) would run --amp none and the fp32 stem under
+    autocast with a ~5e-4 spacing near 1: every run turns it off, for convolutions and matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        Run(Config(method="clean", dataset="synthetic", width=4, batch_size=32, epochs=1, amp=amp))
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -51,3 +51,22 @@ def test_free_passes_and_data_divisor(images, make):
     x, y = images
     method, _ = make("free", x, y)
     assert method.passes == 2 and method.data_passes_divisor == 2
+
+
+def test_free_perturbation_is_one_buffer_updated_in_place(images, make):
+    """Free's carried perturbation keeps one address across replays and batches (what a captured step reads and
+    writes at every replay); a smaller batch uses and updates the first rows of it (Shafahi et al.'s global noise)."""
+    x, y = images
+    method, loader = make("free", x, y)
+    batches = iter(loader)
+    method.step(next(batches))
+    buf = method.delta
+    assert buf is not None and bool(buf.abs().sum() > 0)
+    method.step(next(batches))
+    assert method.delta is buf
+    small = next(batches)
+    for f in ("x", "y", "index", "crop", "flip"):
+        setattr(small, f, getattr(small, f)[:3])
+    before = buf.clone()
+    method.step(small)
+    assert method.delta is buf and torch.equal(buf[3:], before[3:]) and not torch.equal(buf[:3], before[:3])

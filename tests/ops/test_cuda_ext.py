@@ -106,14 +106,19 @@ def test_cuda_omega_and_graph_capture() -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("rounds", ["down", "up"])
 @pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cuda_step_shape_conventions_where_eps_binds(dtype, a_shape) -> None:
-    """The CUDA reference keeps a Python-scalar eps in fp32 (the CPU rounds it first) and computes with a (1,) step
-    size in fp32: the extension matches it where elements land exactly on eps rounded to the dtype."""
+def test_cuda_step_shape_conventions_where_eps_binds(dtype, a_shape, rounds, backend) -> None:
+    """On CUDA the reference's clamp forward keeps a Python-scalar eps in fp32 but autograd's masks compare in the
+    clamped tensor's dtype (bf16(8/255) = 0.031494 > 8/255; fp16 rounds below), and a (1,) step size computes in
+    fp32: both backends match it where elements land exactly on eps rounded to the dtype, from below and above."""
+    if not dispatch.available(backend):
+        pytest.skip(dispatch.unavailable_reason(backend))
     from test_ops import check_landing
 
-    check_landing("cuda", dtype, a_shape, device="cuda")
+    check_landing(backend, dtype, a_shape, device="cuda", rounds=rounds)
 
 
 @pytest.mark.gpu

@@ -244,16 +244,21 @@ def test_backward_deterministic(fused: str) -> None:
 E8 = 8 / 255
 
 
-def landing_case(dtype: torch.dtype, device: str = "cpu"):
+def landing_case(dtype: torch.dtype, device: str = "cpu", rounds: str = "down"):
     """Data whose d + a*s (a = 2^-6) and a_init*omega (a_init = 1/2) land exactly on eps rounded to the dtype, below
-    eps itself (mixed with random elements): ``(x, d, g, omega, go_x, go_d, eps, a_val)``."""
-    a_val = 2.0**-6  # exact in every dtype: e_lo - a is exact too (Sterbenz), so d + a lands on e_lo
+    eps itself (``rounds="down"``) or above it (``"up"``, as bf16 rounds 8/255), mixed with random elements:
+    ``(x, d, g, omega, go_x, go_d, eps, a_val)``. Where a clamp passes the gradient at its bound, "up" tells an fp32
+    bound from the rounded one; where it does not, "down" does."""
+    a_val = 2.0**-6  # exact in every dtype: e - a is exact too (Sterbenz), so d + a lands on e
     e_lo = torch.tensor(E8, dtype=dtype).item()
     e_hi = torch.nextafter(torch.tensor(e_lo, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
-    eps = e_lo + (e_hi - e_lo) / 4  # rounds down to e_lo in the dtype, and in fp32 stays above it
+    if rounds == "down":  # rounds down to e_lo in the dtype, and in fp32 stays above it
+        eps, e = e_lo + (e_hi - e_lo) / 4, e_lo
+    else:  # rounds up to e_hi in the dtype, and in fp32 stays below it
+        eps, e = e_hi - (e_hi - e_lo) / 4, e_hi
     n = 600
-    d = torch.full((n,), e_lo - a_val, dtype=torch.float64)  # sign_step: d + a_val lands on e_lo
-    d[2::4] = e_lo  # perturb_init (omega = 2d, a_init = 1/2): a_init*omega lands on e_lo
+    d = torch.full((n,), e - a_val, dtype=torch.float64)  # sign_step: d + a_val lands on e
+    d[2::4] = e  # perturb_init (omega = 2d, a_init = 1/2): a_init*omega lands on e
     d[1::2] = rand((n // 2,), torch.float64, 50, -E8, E8)  # random d: sums that round differently
     d = d.to(dtype).reshape(2, 3, 10, 10)
     g = torch.ones(d.shape, dtype=dtype)
@@ -264,9 +269,9 @@ def landing_case(dtype: torch.dtype, device: str = "cpu"):
     return (*(t.to(device) for t in (x, d, g, omega, go_x, go_d)), eps, a_val)
 
 
-def check_landing(backend: str, dtype: torch.dtype, a_shape, device: str = "cpu") -> None:
+def check_landing(backend: str, dtype: torch.dtype, a_shape, device: str = "cpu", rounds: str = "down") -> None:
     """Forward, elementwise gradients and step-size gradients of sign_step and perturb_init on ``landing_case``."""
-    x, d, g, omega, go_x, go_d, eps, a_val = landing_case(dtype, device)
+    x, d, g, omega, go_x, go_d, eps, a_val = landing_case(dtype, device, rounds)
 
     def step(v: float) -> torch.Tensor:
         return torch.full(a_shape, v, device=device)
@@ -277,13 +282,14 @@ def check_landing(backend: str, dtype: torch.dtype, a_shape, device: str = "cpu"
     _check_init(backend, x, omega, step(0.0123 * 4), eps, go_x, None)
 
 
+@pytest.mark.parametrize("rounds", ["down", "up"])
 @pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape) -> None:
-    """A 0-d step size rounds to the data's dtype (and so do d + a*s and, on the CPU, eps); a (1,) one computes in
-    fp32 against an fp32 eps. Elements land exactly on eps rounded to the dtype, below the fp32 eps: the mask there
-    tells the two conventions apart, and the random part tells their roundings apart."""
-    check_landing(backend, dtype, a_shape)
+def test_step_shape_conventions_where_eps_binds(backend: str, dtype, a_shape, rounds) -> None:
+    """A 0-d step size rounds to the data's dtype (and so do d + a*s and the clamp bound eps); a (1,) one computes in
+    fp32 against an fp32 eps. Elements land exactly on eps rounded to the dtype, below or above the fp32 eps: the
+    mask there tells the two conventions apart, and the random part tells their roundings apart."""
+    check_landing(backend, dtype, a_shape, rounds=rounds)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

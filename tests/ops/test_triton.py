@@ -4,7 +4,8 @@ Without a CUDA device the kernels run on CPU tensors under ``TRITON_INTERPRET=1`
 imported); with one, the same tests run on CUDA tensors (marker ``gpu``) and add bf16.
 
 Exactness: the kernels round to the storage dtype wherever the reference holds a tensor of that dtype, and round
-a Python-scalar eps as the reference's kernels on the same device do (CPU: to fp16/bf16 first; CUDA: kept in fp32),
+a Python-scalar eps as the reference's kernels on the same device do (pgd_step's ``x -+ eps``: to fp16/bf16 first on
+the CPU, kept in fp32 on CUDA; a clamp bound: to the clamped tensor's dtype on both, as autograd's masks compare),
 so given the same ``g`` every sign/clamp/mask path and every elementwise output equals the reference on that device
 bit for bit; only the step-size reductions (``dL/da``) carry a tolerance, justified where it is used.
 """
@@ -141,6 +142,22 @@ def test_bound_convention_matches_pytorch():
         t = torch.tensor([v], requires_grad=True)
         torch.clamp(t, lo, hi).backward(torch.ones(1))
         assert bool(t.grad[0] != 0) == AT_BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("a_shape", [(), (1,)], ids=["0d", "1elem"])
+def test_step_kernels_launch_alike_on_every_device(dtype, a_shape):
+    """perturb_init's and sign_step's clamp bound is rounded to the data's dtype wherever the clamped value is a
+    tensor of that dtype (a 0-d step size with fp16/bf16 data), on CUDA as on the CPU: the forward clamp gives the
+    same rounded result with either bound, and the backward masks compare in the tensor's dtype on both devices
+    (autograd's ``gt``/``lt`` with a Python scalar: CUDA's compare kernels cast the scalar to the tensor's dtype,
+    unlike CUDA's clamp kernel, which keeps it in fp32). So the launch constants cannot depend on the device;
+    a ``meta`` tensor stands in for a CUDA one (same shape and dtype, not the CPU)."""
+    a = torch.full(a_shape, 0.01)
+    cpu = _UTILS.step_launch(torch.empty(4, dtype=dtype), a, dtype)
+    other = _UTILS.step_launch(torch.empty(4, dtype=dtype, device="meta"), a, dtype)
+    assert cpu == other
+    assert ("ROUND_EPS" not in cpu[1]) or cpu[1]["ROUND_EPS"] == cpu[1]["ROUND_A"]
 
 
 def _per_element(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
