@@ -63,7 +63,7 @@ def test_dry_run_runs_every_step_and_fills_every_table(tmp_path: Path) -> None:
     assert [r["batch"] for r in ev] == [16] and ev[0]["fused"] > 0 and ev[0]["backend"] == "cpp" and ev[0]["capture_s"] >= 0
     md = (export / "summary.md").read_text()
     assert "| b16 graphs | APART | cpp | yes | 2 |" in md and "| b16 eager | PGD-2 | cpp | no | 3 |" in md
-    assert "| copy | 2x3x8x8 |" in md and "frames compiled at the first step" in md
+    assert "| copy | 2x3x8x8 (launch-bound) |" in md and "frames compiled at the first step" in md
     assert (export / "logs.tar.gz").stat().st_size > 0
 
 
