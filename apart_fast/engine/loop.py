@@ -306,7 +306,7 @@ class Run:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if cfg.normalize and d.channels == 3 else (None, None)
         if model is None:
             model = build_model(cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width,
-                                mean=mean, std=std, shortcut=cfg.shortcut)
+                                mean=mean, std=std, shortcut=cfg.shortcut, image_size=d.image_size[0], stem=cfg.stem)
         self.user_model = not hasattr(model, "config")
         cuda = self.device.type == "cuda"
         if cfg.sync_bn and self.comm.distributed and cuda:
@@ -788,6 +788,8 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
         amp = run.precision.mode
         tqdm.write(f"apart-fast: {cfg.method} on {run.device} ({_device_name(run.device)}), amp {amp}, "
                    f"{len(run.loader)} steps/epoch, validation {int(hx.shape[0])} training-split images", file=sys.stderr)
+        for line in run.method.describe():
+            tqdm.write(f"apart-fast: {line}", file=sys.stderr)
     stop = StopSignals()
     with stop.installed():
         try:
