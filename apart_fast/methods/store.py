@@ -46,8 +46,11 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 
 def mib(b: int) -> str:
-    """Bytes in words: MiB below a GiB, GiB above."""
-    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    """Bytes in words: KiB below a MiB, MiB below a GiB, GiB above."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= size:
+            return f"{b / size:.1f} {unit}"
+    return f"{b / 2**10:.1f} KiB"
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -222,3 +222,48 @@ def test_deep_copy_keeps_sites_on_its_own_layers():
         twin(x)
     assert twin_site.recorded is not None and site.recorded is None
     assert site_names(twin) == ["conv1"]
+
+
+@pytest.mark.parametrize("family", ["basic", "encoder"])
+def test_hooked_perturbation_survives_bf16(family):
+    """Under bf16 autocast a hooked site keeps the perturbation: after a linear layer (conv1, the MLP's first
+    linear) the effect ``alpha * layer(sign)`` is added in fp32 to the layer's bf16 output, within 3% of fp32's
+    effect (a plain bf16 addition loses most of a 2e-3 step); an attention is rerun in fp32 on the perturbed
+    input, so its output is fp32's perturbed output."""
+    block, x, _ = build(family)
+    block, x = block.float(), x.float()
+    sites, signs = find_sites(block), signs_for(block, x)
+    alphas = [torch.tensor(2e-3) for _ in sites]
+    layers = [block.conv1] if family == "basic" else [block.self_attention, block.mlp[0]]
+
+    def outputs(amp: bool, armed: int | None, plain: bool = False) -> list[torch.Tensor]:
+        """Each site layer's output, with site ``armed`` alone applying (None: none)."""
+        seen: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out)
+                                                                            .detach().float())) for layer in layers]
+        if plain:  # the perturbation added to conv1's input in the input's own precision (bf16)
+            hooks.append(block.conv1.register_forward_pre_hook(
+                lambda m, a: (a[0] + (alphas[0] * signs[0]).to(torch.bfloat16),)))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            if armed is None or plain:
+                block(x)
+            else:
+                with applying([sites[armed]], [signs[armed]], [alphas[armed]], backend="torch"):
+                    block(x)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    clean32, clean16 = outputs(False, None), outputs(True, None)
+    for k, layer in enumerate(layers):  # one site at a time: an fp32 attention upstream rounds differently
+        want = outputs(False, k)[k] - clean32[k]
+        if isinstance(layer, nn.MultiheadAttention):
+            assert rel(outputs(True, k)[k] - clean32[k], want) < 0.03  # rerun in fp32: fp32's perturbed output
+        else:
+            assert rel(outputs(True, k)[k] - clean16[k], want) < 0.03
+    if family == "basic":
+        plain16 = outputs(True, 0, plain=True)
+        assert rel(plain16[0] - clean16[0], outputs(False, 0)[0] - clean32[0]) > 0.3
