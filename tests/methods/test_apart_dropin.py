@@ -210,3 +210,12 @@ def test_a_store_that_cannot_fit_is_refused_with_the_options(monkeypatch):
     monkeypatch.setattr(stores, "free_memory", lambda device: 2**40)
     small = stores.store_shape(4, 3, 8, 8, 2)
     assert stores.new_store(small, "int8", 1e-3, 0, False, torch.device("cpu")).dtype == torch.int8
+
+
+@pytest.mark.parametrize("apart,needle", [
+    (ApartConfig(store_dtype="bf16"), "--apart-store-dtype 'bf16'; choose one of float32, float16, int8"),
+    (ApartConfig(sites=" , "), "--apart-sites is empty; pass auto or comma-separated layer names"),
+])
+def test_bad_store_dtype_and_sites_are_one_line(apart, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Config(apart=apart).validate()
