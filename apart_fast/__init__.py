@@ -26,9 +26,10 @@ def load_model(path: str, map_location: str = "cpu") -> nn.Module:
 
 
 def model_from_payload(state: dict[str, Any], path: str) -> nn.Module:
-    """The eval-mode model held by a loaded checkpoint payload (``load_model`` without the read); ``path`` names it in errors."""
+    """The eval-mode model held by a loaded checkpoint payload (``load_model`` without the read); ``path`` names it in errors.
+    An APART run's sites are attached again (identity until a method arms them), so the model is the one it trained."""
     from apart_fast.engine import checkpoint
-    from apart_fast.models import model_from_config
+    from apart_fast.models import attach_sites, model_from_config
 
     if "model_config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} holds no model; pass model.pt or checkpoint.pt from apart-fast train")
@@ -38,6 +39,9 @@ def model_from_payload(state: dict[str, Any], path: str) -> nn.Module:
             f"with model.load_state_dict(apart_fast.engine.checkpoint.load({str(path)!r})['model'])")
     model = model_from_config(state["model_config"])
     model.load_state_dict(state["model"])
+    run, apart = state.get("config") or {}, (state.get("config") or {}).get("apart") or {}
+    if run.get("method") == "apart" and apart.get("layer_perturb", True):
+        attach_sites(model, apart.get("sites", "auto"))  # the run's sites, hooked on again: the model it trained
     return model.eval()
 
 
@@ -45,8 +49,9 @@ def train(config: Any = None, *, model: nn.Module | None = None, **overrides: An
     """Train with a ``Config`` (or keyword overrides of its fields; ``config`` itself is left as it is);
     returns results incl. the model.
 
-    ``model``: your own model (float images in [0,1] -> logits) instead of ``config.model``; for
-    APART mark each residual block's perturbed activation with ``apart_fast.models.PerturbSite``.
+    ``model``: your own model (float images in [0,1] -> logits) instead of ``config.model``; APART
+    uses its ``PerturbSite`` markers or, without any, hooks sites onto its residual / transformer blocks
+    (``apart_fast.models.attach_sites``; ``ApartConfig.sites`` names the layers for other models).
     Without a ``model.config`` attribute, model.pt holds its weights only (``load_model`` then asks
     you to rebuild the model and load them).
     """

@@ -24,6 +24,9 @@ from apart_fast.config import (
     RESUME_MAY_CHANGE,
     SHORTCUTS,
     SMALL_IMAGE,
+    STEMS,
+    STORE_DTYPES,
+    TORCHVISION,
     ApartConfig,
     Config,
     ConfigError,
@@ -35,7 +38,8 @@ from apart_fast.experiments import ATTACKS
 HELP = {
     "dataset": "dataset name; 'digits' is bundled (no download)",
     "data_dir": "folder or .tar.gz in ImageFolder layout with train/ and test/, or torchvision's CIFAR folder",
-    "model": "architecture",
+    "model": f"architecture: {', '.join(MODELS)}, or {TORCHVISION}NAME (any torchvision classification model, e.g. "
+             f"{TORCHVISION}resnet18; APART hooks its sites on, see --apart-sites)",
     "width": "first stage's channels (preact18: 64 is the paper's)",
     "epochs": "passes over the training data",
     "device": "auto (cuda when available, else cpu; the log names the one used), cpu, cuda or cuda:N",
@@ -49,8 +53,8 @@ EXTENSIONS = (
     ("reproduce", "apart_fast.reproduce", "the paper's comparison: every method, one table, plots"),
     ("ablation", "apart_fast.ablation", "what each part of APART buys: its ablations at several eps and seeds"),
 )
-CHOICES = {"method": METHODS, "dataset": DATASETS, "model": MODELS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES,
-           "schedule": APART_SCHEDULES, "shortcut": SHORTCUTS}
+CHOICES = {"method": METHODS, "dataset": DATASETS, "pad_mode": ("constant", "reflect"), "amp": AMP_MODES,
+           "schedule": APART_SCHEDULES, "shortcut": SHORTCUTS, "stem": STEMS, "store_dtype": STORE_DTYPES}
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=DATASETS,
                    help="default: the dataset (and --data-dir) the checkpoint's run trained on; digits for other checkpoints")
     e.add_argument("--data-dir")
-    e.add_argument("--model", choices=MODELS, help="refuse the checkpoint unless it holds this model")
+    e.add_argument("--model", help=f"refuse the checkpoint unless it holds this model ({', '.join(MODELS)}, {TORCHVISION}NAME)")
     e.add_argument("--attack", choices=ATTACKS, default="pgd",
                    help="pgd: PGD with --loss; cw: CW-loss PGD; autoattack: standard L-inf AutoAttack (needs "
                         "pip install 'apart_fast[eval]'); all: CE PGD, CW PGD and AutoAttack (default pgd)")

@@ -8,7 +8,10 @@ import numbers
 from dataclasses import dataclass, field
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apart")
-MODELS = ("preact18", "wrn34_10", "smallcnn")
+MODELS = ("preact18", "wrn34_10", "smallcnn", "vit")
+TORCHVISION = "torchvision:"  # --model torchvision:NAME: any torchvision classification constructor (models/zoo.py)
+STEMS = ("native", "cifar")
+STORE_DTYPES = ("float32", "float16", "int8")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 APART_SCHEDULES = ("auto", "script", "full")
@@ -132,6 +135,8 @@ class ApartConfig:
     max_step: float = 1.0  # hard clamp on |a| after every update, a last resort against run-away
     layer_perturb: bool = True  # False: the ablation without layer-wise perturbations
     store: bool = True  # False: the ablation without the per-example store: every step starts from fresh U(-1, 1) noise
+    store_dtype: str = "float32"  # the store's omega: float32 (4 bytes a padded pixel), float16 (2) or int8 (1, steps of 1/127)
+    sites: str = "auto"  # where the layer-wise perturbation goes: auto, or comma-separated names of the layers whose input it perturbs
     freeze_bn_pass1: bool = False  # True: pass 1 leaves BatchNorm running statistics untouched
     legacy_model_decay: bool = False  # True: PyTorch 1.3 behaviour, the model's SGD also decays the step sizes
 
@@ -197,6 +202,7 @@ class Config:
     model: str | None = None  # architecture; None: the dataset's (config.DATASET_DEFAULTS)
     width: int | None = None  # first stage's channels (preact18: 64 is the paper's); None: the dataset's with its model, else the model's
     shortcut: str = "act"  # projection shortcut's input: act = relu(bn1(x)) (the common PreAct block), raw = x (APART script)
+    stem: str = "native"  # torchvision: models: native, or cifar (3x3 stride-1 conv, no max-pool; ViT: patch 4)
     epochs: int | None = None  # passes over the training data; None: the dataset's
     batch_size: int = 128
     keep_last_batch: bool = False  # train on the last partial batch too (the APART script's 391 steps per epoch)
@@ -260,8 +266,20 @@ class Config:
                     raise ConfigError(f"{flag} {v} is too large (at most {MAX_INT}); pass a smaller value")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.model is not None and self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model is not None and self.model not in MODELS and not (
+                self.model.startswith(TORCHVISION) and len(self.model) > len(TORCHVISION)):
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)} or {TORCHVISION}NAME "
+                              f"(a torchvision classification model, e.g. {TORCHVISION}resnet18)")
+        if self.stem not in STEMS:
+            raise ConfigError(f"--stem {self.stem!r}; choose one of {', '.join(STEMS)}")
+        if self.stem != "native" and not (self.model or "").startswith(TORCHVISION):
+            model = self.model or DATASET_DEFAULTS.get(self.dataset, ("the dataset's default model",))[0]
+            raise ConfigError(f"--stem {self.stem} adapts {TORCHVISION} models; {model} has a stem for small images "
+                              "already, drop --stem")
+        if self.apart.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"--apart-store-dtype {self.apart.store_dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+        if not self.apart.sites.strip(" ,"):
+            raise ConfigError("--apart-sites is empty; pass auto or comma-separated layer names such as layer1.0.conv1")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         check_budget("--eps", self.eps)

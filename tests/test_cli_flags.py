@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from apart_fast.cli import build_parser
+from apart_fast.engine import capture_check
 
 PACKAGE = Path(__file__).resolve().parents[1] / "apart_fast"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
@@ -21,7 +22,7 @@ OTHER_PROGRAMS = re.compile(r"\b(pip|torchrun|pytest|git)\b")
 
 @functools.cache
 def _options() -> set[str]:
-    """Every option string of the apart-fast parser and of all its subcommands."""
+    """Every option string of the apart-fast parser and its subcommands, and of the modules run with python -m."""
     found: set[str] = set()
 
     def walk(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def _options() -> set[str]:
                     walk(sub)
 
     walk(build_parser())
+    walk(capture_check.build_parser())
     return found
 
 

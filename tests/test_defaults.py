@@ -69,7 +69,8 @@ def test_cifar10_with_no_other_flag_sets_up_preact18_width_64_for_30_epochs_in_r
 def test_help_shows_the_per_dataset_defaults():
     text = build_parser().train_parser.format_help()  # type: ignore[attr-defined]
     flat = " ".join(text.split())
-    assert "--model {preact18,wrn34_10,smallcnn} architecture (default by --dataset: digits/synthetic smallcnn, " \
+    assert "--model MODEL architecture: preact18, wrn34_10, smallcnn, vit, or torchvision:NAME" in flat
+    assert "see --apart-sites) (default by --dataset: digits/synthetic smallcnn, " \
            "cifar10/cifar100 preact18, imagefolder smallcnn for images under 32 px, else preact18)" in flat
     assert "(default by --dataset: digits/synthetic 16, cifar10/cifar100 64, imagefolder 16" in flat
     assert "(default by --dataset: digits 15, synthetic 10, cifar10/cifar100 30, imagefolder 15 for images under 32 " \

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from apart_fast.config import METHODS, MODELS
+from apart_fast.config import METHODS, MODELS, STEMS, TORCHVISION
 
 COST_EXAMPLE = ("apart-fast bench cost --dataset cifar10 --data-dir cifar10-jpeg.tar.gz --model preact18 --width 16 "
                 "--batch-size 128")
@@ -33,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description=f"example: {COST_EXAMPLE}")
     c.add_argument("--methods", default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: all but fgsm)")
-    c.add_argument("--model", default="preact18", choices=MODELS)
-    c.add_argument("--width", type=int, default=16, help="first stage's channels (preact18: 64 is the paper's)")
+    c.add_argument("--model", default="preact18", help=f"{', '.join(MODELS)} or {TORCHVISION}NAME (default preact18)")
+    c.add_argument("--width", type=int, default=None,
+                   help="first stage's channels (default 16; preact18: 64 is the paper's; none for torchvision: models)")
+    c.add_argument("--stem", default="native", choices=STEMS, help="torchvision: models: native or cifar (train --stem)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--dataset", default="synthetic", choices=("synthetic", "digits", "cifar10", "cifar100", "imagefolder"))
     c.add_argument("--data-dir", default=None, help="CIFAR folder or .tar.gz (e.g. cifar10-jpeg.tar.gz)")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = CostOptions(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEFAULT_METHODS),
-        model=args.model, width=args.width,
+        model=args.model, width=args.width if args.width is not None or args.model.startswith(TORCHVISION) else 16,
+        stem=args.stem,
         batch_size=args.batch_size, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
         synthetic_n=args.synthetic_n, epoch_size=args.epoch_size, device=args.device, dtype=args.dtype,
         backend=args.backend, warmup=args.warmup, steps=args.steps, rounds=args.rounds, pgd_steps=args.pgd_steps,

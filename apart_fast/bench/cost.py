@@ -65,6 +65,7 @@ class CostOptions:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     model: str = "preact18"
     width: int | None = 16
+    stem: str = "native"  # torchvision: models: native or cifar (Config.stem)
     batch_size: int = 128
     dataset: str = "synthetic"
     data_dir: str | None = None
@@ -126,7 +127,7 @@ def load_bench_data(opts: CostOptions) -> ImageData:
 
 def method_config(opts: CostOptions, method: str, epochs: int = 1, apart: dict[str, Any] | None = None) -> Config:
     """The engine Config of one method under the benchmark's shared settings (``apart``: ApartConfig overrides)."""
-    return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width,
+    return Config(method=method, dataset=opts.dataset, data_dir=opts.data_dir, model=opts.model, width=opts.width, stem=opts.stem,
                   batch_size=opts.batch_size, epochs=epochs, pgd_steps=opts.pgd_steps, free_replays=opts.free_replays,
                   device=opts.device, seed=opts.seed, backend=opts.backend, amp=DTYPES[opts.dtype],
                   cuda_graphs=opts.cuda_graphs, compile=opts.compile,

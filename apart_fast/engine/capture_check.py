@@ -241,13 +241,18 @@ def check_pgd_loop(backend: str, steps: int = 2) -> list[Violation]:
         return check(lambda: loop.body(x, y, x0))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Check every captured method's step and the PGD evaluation loop; print the findings, exit 1 if any."""
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m apart_fast.engine.capture_check``'s options."""
     ap = argparse.ArgumentParser(prog="python -m apart_fast.engine.capture_check", description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (gradalign: checked as if captured)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="op backends CUDA dispatches to: torch, triton")
     ap.add_argument("--amp", default="none", help="none, bf16 or fp16 (the fp16 loss scale is captured too)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check every captured method's step and the PGD evaluation loop; print the findings, exit 1 if any."""
+    args = build_parser().parse_args(argv)
     bad = 0
     for backend in args.backends.split(","):
         for method in args.methods.split(","):

@@ -82,7 +82,7 @@ from apart_fast.engine.run_folder import (
     run_files,
 )
 from apart_fast.methods import DataInfo, Method, build_method
-from apart_fast.models import build_model, find_sites
+from apart_fast.models import attach_sites, build_model
 from apart_fast.step.amp import Precision
 from apart_fast.step.distributed import LOCAL, Comm, ShardLoader
 from apart_fast.step.guard import BufferGuard, finite_flag
@@ -370,7 +370,7 @@ class Run:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if cfg.normalize and d.channels == 3 else (None, None)
         if model is None:
             model = build_model(cfg.model, num_classes=d.num_classes, in_channels=d.channels, width=cfg.width,
-                                mean=mean, std=std, shortcut=cfg.shortcut)
+                                mean=mean, std=std, shortcut=cfg.shortcut, image_size=d.image_size[0], stem=cfg.stem)
         self.user_model = not hasattr(model, "config")
         cuda = self.device.type == "cuda"
         if cfg.sync_bn and self.comm.distributed and cuda:
@@ -387,10 +387,11 @@ class Run:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         check_model_fits(self.model, d, self.device, channels_last)
-        if cfg.method == "apart" and cfg.apart.layer_perturb and not find_sites(self.model):
-            raise ConfigError("the model has no PerturbSite, so APART has no layer to perturb: mark the activation feeding "
-                              "each residual block's first conv with apart_fast.models.PerturbSite(), or train without "
-                              "layer perturbations: --no-apart-layer-perturb (Python: ApartConfig(layer_perturb=False))")
+        if cfg.method == "apart" and cfg.apart.layer_perturb:  # the model's own sites, else hooks (before anything is written)
+            try:
+                attach_sites(self.model, cfg.apart.sites)
+            except ValueError as e:
+                raise ConfigError(f"{e} (Python: ApartConfig(layer_perturb=False))") from None
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
         lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed,
                    channels_last=channels_last)
@@ -943,6 +944,8 @@ def _run(run: Run, out: Path | None, resume: bool, overwrite: bool, progress: bo
         tqdm.write(f"apart-fast: {cfg.method} on {run.device} ({_device_name(run.device)}), amp {amp}, "
                    f"{len(run.loader)} steps/epoch, validation {int(hx.shape[0])} training-split images; "
                    f"{run.describe(out)}", file=sys.stderr)
+        for line in run.method.describe():
+            tqdm.write(f"apart-fast: {line}", file=sys.stderr)
     stop = StopSignals()
     with stop.installed():
         try:

@@ -6,7 +6,9 @@ residual block (a ``PerturbSite``). One step is two forward/backward passes; see
 for every equation. ``--apart-schedule script`` is the authors' released script's generator; the default
 ``auto`` is the same generator in units of eps for any run (``ApartConfig.resolve``). The step sizes are
 updated by their own optimizer only (``legacy_model_decay`` restores PyTorch 1.3's extra decay by the
-model's SGD). ``store=False`` is the ablation without the per-example store (fresh U(-1, 1) noise each step).
+model's SGD). ``store=False`` is the ablation without the per-example store (fresh U(-1, 1) noise each step);
+``store_dtype`` a compact store (``store.py``). A model without ``PerturbSite`` modules gets its sites
+attached from outside (``models/attach.py``; ``ApartConfig.sites``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apart_fast import ops
-from apart_fast.config import ConfigError
+from apart_fast.methods import store as stores
 from apart_fast.methods.base import Method
+from apart_fast.models.attach import AttachedSite, attach_sites
 from apart_fast.models.sites import applying, find_sites, recording
 from apart_fast.step.guard import conditional_step, gather_grads
 from apart_fast.step.optim import FlatSGD
@@ -65,12 +68,9 @@ class Apart(Method):
         super().__init__(*args, **kwargs)
         # The step sizes' start is known now; the lr needs the run's length and is set in ``attach``.
         a = self.gen = self.cfg.apart.resolve(self.cfg.eps, 1)
+        # the model's own sites, else sites hooked onto its blocks from outside (one-line error if none is found)
+        self.site_names = attach_sites(self.model, a.sites) if a.layer_perturb else []
         self.sites = find_sites(self.model) if a.layer_perturb else []
-        if a.layer_perturb and not self.sites:
-            raise ConfigError(
-                "the model has no PerturbSite; mark the activation feeding each residual block's first conv "
-                "with apart_fast.models.PerturbSite(), or pass --no-apart-layer-perturb (ApartConfig(layer_perturb=False))"
-            )
         dev = self.device
         self.a_init = nn.Parameter(torch.tensor(a.a_init, device=dev))
         self.a_in = nn.Parameter(torch.tensor(a.a_in, device=dev))
@@ -82,15 +82,28 @@ class Apart(Method):
         )
         self.gen_schedule: CyclicSchedule | DeviceSchedule | None = None
 
+    def _store_shape(self) -> tuple[int, int, int, int]:
+        i = self.info
+        return stores.store_shape(i.n_train, i.channels, i.height, i.width, i.pad)
+
     def _new_store(self) -> Tensor:
-        """The per-example omega store, N(0, omega_std^2) in the padded frame, on the method's device."""
-        info = self.info
-        shape = (info.n_train, info.channels, info.height + 2 * info.pad, info.width + 2 * info.pad)
-        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        store = torch.randn(shape, generator=gen).mul_(self.cfg.apart.omega_std)  # in place: one copy on the CPU
-        if info.channels_last:  # the batches' format, so omega_gather's windows need no conversion in the step
-            store = store.contiguous(memory_format=torch.channels_last)
-        return store.to(self.device)
+        """The per-example omega store, N(0, omega_std^2) in the padded frame, on the method's device (``store.py``)."""
+        a = self.cfg.apart
+        return stores.new_store(self._store_shape(), a.store_dtype, a.omega_std, self.cfg.seed + 2, self.info.channels_last,
+                                self.device)
+
+    def describe(self) -> list[str]:
+        """Where the layer-wise perturbation goes and what the store takes, for the run's log."""
+        hooked = any(isinstance(s, AttachedSite) for s in self.sites)
+        where = f"on the input of {', '.join(self.site_names)} (hooks)" if hooked else f"at {', '.join(self.site_names)}"
+        lines = [f"APART: {len(self.sites)} layer-wise perturbation sites {where}" if self.sites
+                 else "APART: no layer-wise perturbation (--no-apart-layer-perturb)"]
+        if self.store is not None:
+            shape, dtype = self._store_shape(), self.cfg.apart.store_dtype
+            others = ", ".join(f"{k} {stores.mib(stores.nbytes(shape, k))}" for k in stores.DTYPES if k != dtype)
+            lines.append(f"APART: per-example store {' x '.join(map(str, shape))} {dtype} = "
+                         f"{stores.mib(stores.nbytes(shape, dtype))} on {self.device} (--apart-store-dtype: {others})")
+        return lines
 
     def step_sizes(self) -> list[nn.Parameter]:
         """The generator's learnable scalars, in a fixed order."""
@@ -114,7 +127,7 @@ class Apart(Method):
         if self.store is None:  # the ablation without the store: a fresh U(-1, 1) start, like FGSM-RS's
             omega = torch.empty_like(x).uniform_(-1.0, 1.0, generator=self.generator)
         else:
-            omega = ops.omega_gather(self.store, batch.index, batch.crop, batch.flip, x.shape[-2:], backend=be)
+            omega = stores.gather(self.store, batch.index, batch.crop, batch.flip, x, be)
         x0, d0 = ops.perturb_init(x, omega, self.a_init, eps, backend=be)
         x0_leaf = x0.detach().requires_grad_(True)
         with recording(self.sites), frozen_bn_stats(self.model, self.cfg.apart.freeze_bn_pass1), self.precision.autocast():
@@ -191,13 +204,12 @@ class Apart(Method):
         if self.store is None:
             return
         if not self.comm.distributed:
-            ops.omega_update(self.store, batch.index, batch.crop, batch.flip, g, ratio, backend=be)
+            stores.update(self.store, batch.index, batch.crop, batch.flip, g, ratio, be)
             return
         sign = self.comm.all_gather_cat(ops.pack_sign(g, backend=be))
         rows = torch.cat([batch.index[:, None], batch.crop.long(), batch.flip[:, None].long()], 1)
         rows = self.comm.all_gather_cat(rows)
-        ops.omega_update(self.store, rows[:, 0], rows[:, 1:3], rows[:, 3].bool(), sign.to(self.store.dtype), ratio,
-                         backend=be)
+        stores.update(self.store, rows[:, 0], rows[:, 1:3], rows[:, 3].bool(), sign, ratio, be)
 
     def _ascend(self, ok: Tensor | None = None) -> None:
         """Gradient ascent on the step sizes (their own SGD with ``maximize``, L2 penalty as weight decay), then the hard clamp.
@@ -222,11 +234,13 @@ class Apart(Method):
             # otherwise None, so it skips them.
             p.grad = torch.zeros_like(p) if self.cfg.apart.legacy_model_decay else None
 
-    def resolved(self) -> dict[str, float | None]:
+    def resolved(self) -> dict[str, Any]:
         """The generator's settings this run uses (``ApartConfig.resolve``), for results.json."""
         a = self.gen
         return {"schedule": a.schedule, "a_init": a.a_init, "a_in": a.a_in, "a_layer": a.a_layer, "a_layers": a.a_layers,
-                "lr": a.lr, "weight_decay": a.weight_decay, "store": a.store, "layer_perturb": a.layer_perturb}
+                "lr": a.lr, "weight_decay": a.weight_decay, "store": a.store, "layer_perturb": a.layer_perturb,
+                "store_dtype": a.store_dtype, "store_bytes": stores.nbytes(self._store_shape(), a.store_dtype) if a.store else 0,
+                "sites": self.site_names}
 
     def log_values(self) -> dict[str, float]:
         vals = {"a_init": float(self.a_init.detach()), "a_in": float(self.a_in.detach())}

@@ -143,6 +143,10 @@ class Method:
         noise = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
         return torch.clamp(x + (2 * noise - 1) * eps, 0.0, 1.0)
 
+    def describe(self) -> list[str]:
+        """Lines for the run's log about what the method built (APART: its sites and its store)."""
+        return []
+
     def log_values(self) -> dict[str, float]:
         """Per-epoch values worth logging besides loss and accuracy (APART's step sizes)."""
         return {}

@@ -1,7 +1,9 @@
 """Models for APART training: every model takes images in [0, 1] and marks its perturbation sites.
 
 Models: :class:`PreActResNet18` (the paper's, 8 sites), :class:`WideResNet` / :func:`wrn34_10`
-(15 sites), :class:`SmallCNN` (2 sites, fast on a CPU); :func:`build_model` builds one by name and
+(15 sites), :class:`SmallCNN` (2 sites, fast on a CPU), :class:`ViT` (a small pre-norm transformer,
+2 sites per block, see ``vit.py``), and torchvision's classification models by name
+(``torchvision:resnet18``, :func:`torchvision_model`); :func:`build_model` builds one by name and
 ``model.config`` + :func:`model_from_config` rebuild it from a checkpoint. :class:`Normalize` sits
 first in every model (``mean=None``: no normalisation, as in the APART script).
 
@@ -30,8 +32,13 @@ site keeps the perturbation exact under bf16/fp16 autocast (see ``sites.py``); `
 works too, but under autocast a small step size is rounded away. A site is the identity until a method
 arms it; :func:`find_sites` returns the sites of a model in forward (registration) order, which is the
 order methods use for their per-block step sizes.
+
+A model you cannot (or would rather not) edit: :func:`attach_sites` hooks the sites on from outside
+(``attach.py``: torchvision's ResNet blocks and ViT encoder blocks, WideResNet/PreAct blocks, or any
+layers you name); APART calls it itself for a model without sites.
 """
 
+from apart_fast.models.attach import attach_sites, site_names
 from apart_fast.models.blocks import Normalize, PreActBlock
 from apart_fast.models.nets import (
     MODEL_NAMES,
@@ -43,6 +50,8 @@ from apart_fast.models.nets import (
     wrn34_10,
 )
 from apart_fast.models.sites import PerturbSite, applying, find_sites, recording
+from apart_fast.models.vit import ViT
+from apart_fast.models.zoo import torchvision_model
 
 __all__ = [
     "MODEL_NAMES",
@@ -51,11 +60,15 @@ __all__ = [
     "PreActBlock",
     "PreActResNet18",
     "SmallCNN",
+    "ViT",
     "WideResNet",
     "applying",
+    "attach_sites",
     "build_model",
     "find_sites",
     "model_from_config",
     "recording",
+    "site_names",
+    "torchvision_model",
     "wrn34_10",
 ]

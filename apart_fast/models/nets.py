@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from apart_fast.models.blocks import Head, Normalize, _as_list, make_stage
 from apart_fast.models.sites import full_precision
+from apart_fast.models.vit import ViT
+from apart_fast.models.zoo import PREFIX, torchvision_model
 
 Stats = Sequence[float] | Tensor | None
 
@@ -130,7 +132,7 @@ class SmallCNN(nn.Module):
         return self.head(self.layer2(self.layer1(out)))
 
 
-MODEL_NAMES = ("preact18", "wrn34_10", "smallcnn")
+MODEL_NAMES = ("preact18", "wrn34_10", "smallcnn", "vit")
 
 
 def build_model(
@@ -142,14 +144,28 @@ def build_model(
     mean: Stats = None,
     std: Stats = None,
     shortcut: str = "act",
+    image_size: int | None = None,
+    stem: str = "native",
 ) -> nn.Module:
-    """Build a model by name (``preact18``, ``wrn34_10``, ``smallcnn``).
+    """Build a model by name (``preact18``, ``wrn34_10``, ``smallcnn``, ``vit``, ``torchvision:NAME``).
 
-    ``width`` is the base width for ``preact18`` (default 64) and ``smallcnn`` (default 16), and the
-    widening factor for ``wrn34_10`` (default 10). ``shortcut``: the projection shortcut's input,
-    ``act`` (relu(bn1(x)), the common PreAct block) or ``raw`` (x, the APART script's block).
-    ``model.config`` records how to rebuild it.
+    ``width`` is the base width for ``preact18`` (default 64) and ``smallcnn`` (default 16), the
+    widening factor for ``wrn34_10`` (default 10) and the token width for ``vit`` (default 128).
+    ``shortcut``: the projection shortcut's input, ``act`` (relu(bn1(x)), the common PreAct block) or
+    ``raw`` (x, the APART script's block). ``image_size`` (the side of the square images) sizes a ViT's
+    position embedding; ``stem`` adapts a torchvision model (``zoo.py``). ``model.config`` records how to
+    rebuild it.
     """
+    if name.startswith(PREFIX):
+        if width is not None:
+            raise ValueError(f"--width {width} does not apply to {name} (torchvision's widths are fixed); drop --width")
+        return torchvision_model(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                                 stem=stem, mean=_as_list(mean), std=_as_list(std))
+    if stem != "native":
+        raise ValueError(f"--stem {stem} adapts torchvision: models; {name} has a stem for small images already, drop --stem")
+    if name == "vit":
+        side = 32 if image_size is None else image_size
+        return ViT(num_classes, in_channels, side, width=128 if width is None else width, mean=mean, std=std)
     kw: dict[str, Any] = dict(mean=mean, std=std, shortcut=shortcut)
     if name == "preact18":
         return PreActResNet18(num_classes, in_channels, 64 if width is None else width, **kw)
@@ -157,7 +173,7 @@ def build_model(
         return WideResNet(34, 10 if width is None else width, num_classes, in_channels, **kw)
     if name == "smallcnn":
         return SmallCNN(num_classes, in_channels, 16 if width is None else width, **kw)
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, {PREFIX}NAME (e.g. {PREFIX}resnet18)")
 
 
 _CLASSES: dict[str, type[nn.Module]] = {
@@ -165,6 +181,7 @@ _CLASSES: dict[str, type[nn.Module]] = {
     "wrn34_10": WideResNet,
     "wideresnet": WideResNet,
     "smallcnn": SmallCNN,
+    "vit": ViT,
 }
 
 
@@ -174,8 +191,10 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
         name, kwargs = config["name"], config["kwargs"]
     except (KeyError, TypeError):
         raise ValueError(f"model config must be a dict with 'name' and 'kwargs', got {config!r}") from None
+    if isinstance(name, str) and name.startswith(PREFIX):
+        return torchvision_model(name, **kwargs)
     if name not in _CLASSES:
-        raise ValueError(f"unknown model {name!r} in config; valid names: {', '.join(_CLASSES)}")
+        raise ValueError(f"unknown model {name!r} in config; valid names: {', '.join(_CLASSES)}, {PREFIX}NAME")
     return _CLASSES[name](**kwargs)
 
 

@@ -22,10 +22,10 @@ class TinyRes(nn.Module):
     data-parallel run computes what one process computes on the global batch (up to rounding).
     """
 
-    def __init__(self, channels: int = 3, width: int = 4, num_classes: int = 10) -> None:
+    def __init__(self, channels: int = 3, width: int = 4, num_classes: int = 10, hooked: bool = False) -> None:
         super().__init__()
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.site = PerturbSite()
+        self.site = nn.Identity() if hooked else PerturbSite()  # hooked: no marker, APART attaches a site to conv1
         self.conv1 = nn.Conv2d(width, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
         self.head = nn.Linear(width, num_classes)
@@ -48,7 +48,7 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
             "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
 
 
-def worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump: str, user_model: bool) -> None:
+def worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump: str, user_model: bool | str) -> None:
     """Train as rank ``rank`` of ``world``; dump this rank's final weights, step sizes and store to ``dump``."""
     os.environ.update(rank_env(rank, world, port))
     os.environ["APART_FAST_PROBE"] = "0"
@@ -68,13 +68,14 @@ def worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], dump: str
     loop.Run.state_dict = state_dict  # type: ignore[method-assign]
     cfg = Config.from_dict(cfg_dict)
     torch.manual_seed(0)
-    res = loop.train(cfg, progress=False, model=TinyRes() if user_model else None)
+    res = loop.train(cfg, progress=False, model=TinyRes(hooked=user_model == "hooked") if user_model else None)
     seen["history"] = res["history"]
     torch.save(seen, Path(dump) / f"rank{rank}.pt")
 
 
-def spawn(world: int, cfg_dict: dict[str, Any], dump: Path, user_model: bool = True) -> list[dict[str, Any]]:
-    """Run ``worker`` in ``world`` fresh processes (one gloo group) and return each rank's dump."""
+def spawn(world: int, cfg_dict: dict[str, Any], dump: Path, user_model: bool | str = True) -> list[dict[str, Any]]:
+    """Run ``worker`` in ``world`` fresh processes (one gloo group) and return each rank's dump; ``user_model``:
+    TinyRes (True), TinyRes without its marker ("hooked"), or the config's model (False)."""
     import torch.multiprocessing as mp
 
     mp.spawn(worker, args=(world, free_port(), cfg_dict, str(dump), user_model), nprocs=world, join=True)

@@ -31,6 +31,20 @@ def step_sizes(dump: dict) -> list[torch.Tensor]:
     return dump["method"]["step_sizes"]
 
 
+def test_two_processes_agree_with_hooked_sites_and_an_int8_store(tmp_path):
+    """Sites attached by name (``--apart-sites conv1``) and a compact store under data parallelism: the ranks
+    keep one model, one set of step sizes and one replicated int8 store, bit for bit."""
+    cfg = tiny_config(tmp_path / "run")
+    cfg.apart.sites, cfg.apart.store_dtype = "conv1", "int8"
+    a, b = spawn(2, cfg.to_dict(), tmp_path, user_model="hooked")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for x, y in zip(step_sizes(a), step_sizes(b)):
+        assert torch.equal(x, y)
+    assert a["method"]["store"].dtype == torch.int8 and torch.equal(a["method"]["store"], b["method"]["store"])
+    assert float((step_sizes(a)[2] - 0.01).abs()) > 1e-5  # the hooked site's step size trained
+
+
 def test_shard_loader_slices_the_global_batch():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)

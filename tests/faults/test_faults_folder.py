@@ -235,7 +235,8 @@ MISFITS = [
                                              "batch of shape (2, 3, 8, 8)", "mat1 and mat2 shapes"]),
     (lambda: Flat(3 * 8 * 8, 1), "clean", ["the model returns (2, 1) for a batch of 2 images but the data has 2 "
                                            "classes", "shape (N, 2)"]),
-    (lambda: Flat(3 * 8 * 8, 2), "apart", ["the model has no PerturbSite", "--no-apart-layer-perturb",
+    (lambda: Flat(3 * 8 * 8, 2), "apart", ["no residual or transformer block recognised in Flat", "--apart-sites",
+                                           "--no-apart-layer-perturb",
                                            "ApartConfig(layer_perturb=False)"]),
 ]
 
