@@ -16,6 +16,7 @@ torchattacks = pytest.importorskip("torchattacks", reason="AutoAttack needs the 
 EPS = 0.1  # the digits demo's budget, as in conftest.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fgsm_rs_model", "apart_model"])
 def test_matches_a_direct_torchattacks_call_and_stays_below_pgd20(which, request, digits_points):
     model, (x, y) = request.getfixturevalue(which), digits_points

@@ -31,6 +31,7 @@ def _by_name(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["checks"]}
 
 
+@pytest.mark.slow
 def test_masked_model_is_flagged_while_pgd_reports_it_robust(clean_model, digits_points):
     x, y = digits_points
     masked = Quantised(clean_model).eval()
@@ -46,6 +47,7 @@ def test_masked_model_is_flagged_while_pgd_reports_it_robust(clean_model, digits
     assert "FAIL  black_box" in text and "masked" in text and "SOME CHECKS FAILED" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fgsm_rs_model", "apart_model", "clean_model"])
 def test_properly_trained_models_pass_every_check(which, request, digits_points):
     model = request.getfixturevalue(which)

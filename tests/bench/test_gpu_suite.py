@@ -29,7 +29,7 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=path)
 
 
-@pytest.mark.slow
+@pytest.mark.gpuimage
 def test_dry_run_runs_every_step_and_fills_every_table(tmp_path: Path) -> None:
     out, export = tmp_path / "suite", tmp_path / "export"
     proc = subprocess.run(["bash", str(SUITE), "--dry-run", "--export", str(export), str(out)], env=_env(),
