@@ -29,8 +29,9 @@ test-all: test-main test-slow test-gpuimage
 test-main: $(STAMP)
 	$(PY) -m pytest -q --durations=10 -m "not slow and not gpuimage" tests
 
+# a few long tests (AutoAttack, sanity checks, the sm_90 compile): spread over the cores, longest waits shortest
 test-slow: $(STAMP)
-	$(PY) -m pytest -q --durations=10 -m "slow and not gpuimage" tests
+	$(PY) -m pytest -q --durations=10 -n $$(nproc) --dist worksteal -m "slow and not gpuimage" tests
 
 # The GPU image's torch, triton and torchvision (requirements-gpuimage.txt) in a second venv that reads every
 # other package from .venv (a .pth line); on a copy of the work tree whose C++ extension is built against that
