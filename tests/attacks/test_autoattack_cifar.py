@@ -1,4 +1,5 @@
-"""AutoAttack on a CIFAR-10 (JPEG) subset model against a direct torchattacks call (skips without the archive)."""
+"""AutoAttack on a CIFAR-10 (JPEG) subset model, at torchattacks' own settings, against a direct torchattacks call
+(skips without the archive)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,5 @@ def test_cifar_subset_model_matches_a_direct_torchattacks_call(monkeypatch):
         direct_acc = int((model(direct(x, y)).argmax(1) == y).sum()) / N_TEST
     same = evaluate_autoattack(model, x, y, EPS, steps=10, seed=0, batch_size=N_TEST)  # torchattacks' settings
     assert same["robust_acc"] == pytest.approx(direct_acc, abs=1e-12)
-    ours = evaluate_autoattack(model, x, y, EPS, seed=0, batch_size=50)  # the standard version's 100 iterations
-    assert direct_acc - 2 / N_TEST - 1e-9 <= ours["robust_acc"] <= direct_acc + 1e-9
-    assert ours["robust_acc"] <= pgd20
+    # the standard version's 100 iterations against this call are checked on digits (test_autoattack.py): ten
+    # times the work, and here one test's minutes are CI's critical path
