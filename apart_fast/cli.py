@@ -31,7 +31,8 @@ from apart_fast.config import (
     Config,
     ConfigError,
 )
-from apart_fast.engine.loop import AUTO_OUT, BACKUP
+from apart_fast.engine.out_dir import AUTO_OUT
+from apart_fast.engine.run_folder import BACKUP
 from apart_fast.experiments import ATTACKS
 
 # Help for fields whose comment in config.py is not enough on its own.

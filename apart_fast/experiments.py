@@ -51,7 +51,8 @@ def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None
 
     from apart_fast import model_from_payload
     from apart_fast.engine import checkpoint
-    from apart_fast.engine.loop import _data_change, check_backend, data_fingerprint, resolve_device
+    from apart_fast.engine.device import check_backend, resolve_device
+    from apart_fast.engine.resume import data_change, data_fingerprint
     from apart_fast.engine.run_folder import BACKUP
 
     check_ranges(("--n", n, 1), ("--seed", seed, 0))
@@ -78,7 +79,7 @@ def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None
         now = data_fingerprint(data)
         if now != trained_on:
             raise CheckpointError(f"{path} was trained on other data than {dataset} {data_dir or ''} holds now "
-                                  f"({_data_change(trained_on, now)}); pass --dataset and --data-dir of the data it was "
+                                  f"({data_change(trained_on, now)}); pass --dataset and --data-dir of the data it was "
                                   "trained on")
     kw = net.config["kwargs"]
     if kw.get("num_classes") != data.num_classes or kw.get("in_channels") != data.channels:
@@ -240,7 +241,8 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
     The cost against PGD-10 divides the runs' process CPU time of training on the CPU (the runs are made one
     after another, so wall time would charge one method for what other jobs on the machine did meanwhile)
     and their synchronised wall time on a GPU."""
-    from apart_fast.engine.loop import auto_device, check_out_dir
+    from apart_fast.engine.device import auto_device
+    from apart_fast.engine.out_dir import check_out_dir
 
     data = load_dataset("digits", seed=seed)
     configs = []

@@ -476,7 +476,7 @@ OUTPUTS = ("results.md", "results.json", "robust_acc.png", "strength_ratio.png",
 def check_reproduce_out(out: Path, names: list[str], resume: bool, overwrite: bool) -> None:
     """ConfigError unless ``out`` can take this comparison: not a train run's own folder; without ``resume`` or
     ``overwrite``, no earlier results and no run in any ``out/<name>``; no files a run did not write there."""
-    from apart_fast.engine.loop import check_out_dir
+    from apart_fast.engine.out_dir import check_out_dir
     from apart_fast.engine.run_folder import run_files
 
     if out.exists() and not out.is_dir():
@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eps is not None:
         check_budget("--eps", args.eps)
         preset = dataclasses.replace(preset, eps=args.eps, eval_eps=None)
-    from apart_fast.engine.loop import auto_device
+    from apart_fast.engine.device import auto_device
 
     device = auto_device(args.device)
     if preset.needs_gpu and not device.startswith("cuda") and not args.force:

@@ -211,7 +211,7 @@ class _Timed:
 
     def __init__(self, opts: CostOptions, method: str, data: ImageData, device: torch.device, name: str | None = None,
                  apart: dict[str, Any] | None = None) -> None:
-        from apart_fast.engine.loop import Run
+        from apart_fast.engine.run import Run
 
         self.name, self.device = name or method, device
         n_train = int(data.train_x.shape[0])
@@ -286,7 +286,7 @@ def measure(opts: CostOptions, data: ImageData, variants: dict[str, tuple[str, d
     """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name.
     ``variants``: more rows, name -> (method, ApartConfig overrides), e.g. APART's ablations.
     ``save(rows, memory_kind)`` is called with the timed rows before the launches are counted."""
-    from apart_fast.engine.loop import resolve_device
+    from apart_fast.engine.device import resolve_device
 
     device = resolve_device(opts.device)
     if device.type == "cuda":  # start the profiler (Kineto) once before any capture: see the module docstring
@@ -409,7 +409,7 @@ def train_and_eval(opts: CostOptions, data: ImageData, out: Path) -> dict[str, d
 
 def run_cost(opts: CostOptions) -> dict[str, Any]:
     """Measure, optionally train, and write cost.md, cost.json and cost.png into ``opts.out``."""
-    from apart_fast.engine.loop import auto_device
+    from apart_fast.engine.device import auto_device
 
     opts.device = auto_device(opts.device)
     opts.validate()
