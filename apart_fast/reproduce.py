@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from apart_fast.cli import float_or_fraction
-from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget
+from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget, float_or_fraction
 from apart_fast.data import ImageData, load_dataset
 
 CIFAR_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
