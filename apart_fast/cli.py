@@ -291,6 +291,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from apart_fast import experiments
+    from apart_fast.report.evaluation import format_eval
 
     common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, n=args.n, device=args.device,
                   seed=args.seed)
@@ -304,12 +305,13 @@ def _eval(args: argparse.Namespace) -> int:
                                           restarts=args.restarts, loss=args.loss, attack=args.attack,
                                           batch_size=args.batch_size, backend=args.backend, aa_steps=args.aa_steps,
                                           square_queries=args.square_queries, progress=not args.no_progress, **common)
-    print(json.dumps(res, indent=2) if args.json else experiments.format_eval(res))
+    print(json.dumps(res, indent=2) if args.json else format_eval(res))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from apart_fast.experiments import demo, format_table
+    from apart_fast.experiments import demo
+    from apart_fast.report.evaluation import format_table
 
     rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out,
                 overwrite=args.overwrite, ema=args.ema)
