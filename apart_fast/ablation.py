@@ -222,7 +222,7 @@ def plan(args: argparse.Namespace) -> tuple[Study, list[float], list[tuple[str, 
 
 def run(args: argparse.Namespace) -> int:
     """Run every planned unit not yet finished, then write the report of all finished units."""
-    from apart_fast.engine.loop import auto_device
+    from apart_fast.engine.device import auto_device
 
     args.device = auto_device(args.device)
     study, eps_list, order = plan(args)

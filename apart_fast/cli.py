@@ -7,7 +7,6 @@ import dataclasses
 import importlib
 import inspect
 import json
-import math
 import os
 import re
 import shlex
@@ -30,8 +29,11 @@ from apart_fast.config import (
     ApartConfig,
     Config,
     ConfigError,
+    float_or_fraction,
+    integer,
 )
-from apart_fast.engine.loop import AUTO_OUT, BACKUP
+from apart_fast.engine.out_dir import AUTO_OUT
+from apart_fast.engine.run_folder import BACKUP
 from apart_fast.experiments import ATTACKS
 
 # Help for fields whose comment in config.py is not enough on its own.
@@ -101,32 +103,6 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None
             p.add_argument(flag, dest=dest, type=float_or_fraction, default=default, help=help_)
         else:
             p.add_argument(flag, dest=dest, default=default, choices=CHOICES.get(f.name), help=help_)
-
-
-def integer(s: str) -> int:
-    """An integer, also written as a whole float such as 1e5 (the range is checked by Config.validate)."""
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        f = float(s)
-    except ValueError:
-        f = math.nan
-    if not math.isfinite(f) or not f.is_integer():
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (e.g. 50 or 1e3)")
-    return int(f)
-
-
-def float_or_fraction(s: str) -> float:
-    """A float, also written as a fraction such as 8/255."""
-    try:
-        if "/" in s:
-            num, den = s.split("/")
-            return float(num) / float(den)
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -316,6 +292,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from apart_fast import experiments
+    from apart_fast.report.evaluation import format_eval
 
     common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, n=args.n, device=args.device,
                   seed=args.seed)
@@ -329,12 +306,13 @@ def _eval(args: argparse.Namespace) -> int:
                                           restarts=args.restarts, loss=args.loss, attack=args.attack,
                                           batch_size=args.batch_size, backend=args.backend, aa_steps=args.aa_steps,
                                           square_queries=args.square_queries, progress=not args.no_progress, **common)
-    print(json.dumps(res, indent=2) if args.json else experiments.format_eval(res))
+    print(json.dumps(res, indent=2) if args.json else format_eval(res))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from apart_fast.experiments import demo, format_table
+    from apart_fast.experiments import demo
+    from apart_fast.report.evaluation import format_table
 
     rows = demo(methods=args.methods.split(","), epochs=args.epochs, device=args.device, seed=args.seed, out=args.out,
                 overwrite=args.overwrite, ema=args.ema)

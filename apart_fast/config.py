@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import numbers
@@ -170,6 +171,32 @@ class ApartConfig:
                                    a_in=min(step, self.max_step) if self.a_in is None else self.a_in,
                                    lr=lr if self.lr is None else self.lr,
                                    weight_decay=wd if self.weight_decay is None else self.weight_decay)
+
+
+def integer(s: str) -> int:
+    """An integer, also written as a whole float such as 1e5 (the range is checked by Config.validate); an argparse type."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except ValueError:
+        f = math.nan
+    if not math.isfinite(f) or not f.is_integer():
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (e.g. 50 or 1e3)")
+    return int(f)
+
+
+def float_or_fraction(s: str) -> float:
+    """A float, also written as a fraction such as 8/255; an argparse type (``fraction`` raises ConfigError instead)."""
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number (e.g. 0.03 or 8/255)") from None
 
 
 def fraction(text: str, flag: str) -> float:

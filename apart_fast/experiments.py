@@ -1,4 +1,5 @@
-"""Multi-run jobs behind the CLI: checkpoint evaluation and the digits demo comparison."""
+"""Multi-run jobs behind the CLI: checkpoint evaluation and the digits demo comparison (their tables:
+``report/evaluation.py``)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None
 
     from apart_fast import model_from_payload
     from apart_fast.engine import checkpoint
-    from apart_fast.engine.loop import _data_change, check_backend, data_fingerprint, resolve_device
+    from apart_fast.engine.device import check_backend, resolve_device
+    from apart_fast.engine.resume import data_change, data_fingerprint
     from apart_fast.engine.run_folder import BACKUP
 
     check_ranges(("--n", n, 1), ("--seed", seed, 0))
@@ -78,7 +80,7 @@ def load_for_eval(path: str, *, dataset: str | None = None, data_dir: str | None
         now = data_fingerprint(data)
         if now != trained_on:
             raise CheckpointError(f"{path} was trained on other data than {dataset} {data_dir or ''} holds now "
-                                  f"({_data_change(trained_on, now)}); pass --dataset and --data-dir of the data it was "
+                                  f"({data_change(trained_on, now)}); pass --dataset and --data-dir of the data it was "
                                   "trained on")
     kw = net.config["kwargs"]
     if kw.get("num_classes") != data.num_classes or kw.get("in_channels") != data.channels:
@@ -159,19 +161,6 @@ def evaluate_checkpoint(path: str, *, dataset: str | None = None, data_dir: str 
     return res
 
 
-def format_eval(res: dict[str, Any]) -> str:
-    """The evaluation as a small table: one row per accuracy with its standard error, then the settings."""
-    head = (f"{res['model']} ({res['checkpoint']}) on {res['dataset']}: {res['n']} test points ({res['test_points']}), "
-            f"eps {res['eps'] * 255:.3g}/255 ({res['eps_source']}), device {res['device']}")
-    rows = [("clean", res["clean_acc"], res["clean_se"])]
-    names = {"pgd_ce": "PGD (CE)", "pgd_cw": "PGD (CW)", "autoattack": "AutoAttack"}
-    rows += [(names[k], res[f"{k}_acc"], res[f"{k}_se"]) for k in names if f"{k}_acc" in res]
-    lines = [head, "", "| attack | accuracy | std. error |", "|---|---|---|"]
-    lines += [f"| {a} | {v:.4f} | {se:.4f} |" for a, v, se in rows]
-    lines += ["", "settings:"] + [f"  {k}: {json.dumps(v)}" for k, v in res["settings"].items()]
-    return "\n".join(lines)
-
-
 def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str | None = None, data_dir: str | None = None,
                 model: str | None = None, n: int | None = None, device: str = "auto", seed: int = 0,
                 eps: float | None = None, step: float | None = None, batch_size: int | None = None, backend: str = "auto",
@@ -182,7 +171,7 @@ def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str | None = N
 
     from apart_fast.attacks import format_checks, plot_curves, robustness_curve, sanity_checks
     from apart_fast.attacks.autoattack import _torchattacks
-    from apart_fast.reproduce import device_name
+    from apart_fast.report.text import device_label
 
     if eps is not None:
         check_budget("--eps", eps)
@@ -192,7 +181,7 @@ def eval_report(path: str, *, sanity: bool, curve: bool, dataset: str | None = N
     net, x, y, meta = load_for_eval(path, dataset=dataset, data_dir=data_dir, model=model, n=n, device=device,
                                     seed=seed, backend=backend)
     eps, step = attack_budget(eps, step, meta)
-    report: dict[str, Any] = {**meta, "eps": eps, "command": command, "device_name": device_name(meta["device"])}
+    report: dict[str, Any] = {**meta, "eps": eps, "command": command, "device_name": device_label(meta["device"])}
     if curve:
         folder = Path(out) if out is not None else Path(path).parent
         folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +229,8 @@ def demo(methods: list[str], epochs: int = 15, device: str = "cpu", seed: int = 
     The cost against PGD-10 divides the runs' process CPU time of training on the CPU (the runs are made one
     after another, so wall time would charge one method for what other jobs on the machine did meanwhile)
     and their synchronised wall time on a GPU."""
-    from apart_fast.engine.loop import auto_device, check_out_dir
+    from apart_fast.engine.device import auto_device
+    from apart_fast.engine.out_dir import check_out_dir
 
     data = load_dataset("digits", seed=seed)
     configs = []
@@ -277,20 +267,3 @@ def _demo_row(m: str, cfg: Config, data: Any, overwrite: bool) -> dict[str, Any]
     return {"method": m, "clean_acc": res["test_clean_acc"], "robust_acc": res["test_robust_acc"],
             "seconds": res["train_seconds"], "cost_seconds": cost, "eval": res["eval"], "device": res["device"],
             "ema_clean_acc": res.get("ema_test_clean_acc"), "ema_robust_acc": res.get("ema_test_robust_acc")}
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: method, clean acc, PGD-20 acc (and the weight average's), training seconds, cost relative to PGD-10
-    (``demo``: CPU time on the CPU)."""
-    ema = any(r.get("ema_robust_acc") is not None for r in rows)
-    lines = ["| method | clean acc | PGD-20 acc | " + ("EMA clean acc | EMA PGD-20 acc | " if ema else "")
-             + "train s | cost vs PGD-10 |", "|---" * (7 if ema else 5) + "|"]
-    for r in rows:
-        rel = f"{r['vs_pgd10']:.2f}x" if r.get("vs_pgd10") is not None else "n/a"
-        avg = f"{r['ema_clean_acc']:.3f} | {r['ema_robust_acc']:.3f} | " if ema else ""
-        lines.append(f"| {r['method']} | {r['clean_acc']:.3f} | {r['robust_acc']:.3f} | {avg}{r['seconds']:.1f} | {rel} |")
-    dev = rows[0]["device"] if rows else "?"
-    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "CPU"
-    cost = "wall time" if dev.startswith("cuda") else "process CPU time, which other jobs on the machine do not add to"
-    return "\n".join(lines) + (f"\n\nDevice: {name}; evaluation {rows[0]['eval'] if rows else ''} on the test split; "
-                               f"train s: wall time; cost vs PGD-10: training's {cost}.")

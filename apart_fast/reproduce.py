@@ -7,6 +7,7 @@ robust accuracy per epoch, the perturbation-strength ratio per epoch, APART's st
 curve per method (accuracy against eps and against PGD steps), and with ``--long-fgsm`` a long FGSM run
 beside APART's. AutoAttack and the curves use all test points on a GPU, a seeded subset on the CPU.
 Presets are documented on ``PRESETS``; the study they feed is ``apart_fast/diagnostics/STUDY.md``.
+This module trains and measures; the table and figures are drawn by ``report/comparison.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shlex
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +23,12 @@ from typing import Any
 
 import torch
 
-from apart_fast.cli import float_or_fraction
-from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget
+from apart_fast.config import METHODS, ApartConfig, Config, ConfigError, check_budget, float_or_fraction
 from apart_fast.data import ImageData, load_dataset
+from apart_fast.report.comparison import aa_cell, format_table, plot_all
+from apart_fast.report.text import device_label, num
 
 CIFAR_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
-LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "gradalign": "GradAlign",
-          "free": "Free", "pgd": "PGD-10", "apart": "APART",
-          "long_fgsm": "long FGSM", "long_apart": "long APART"}
-
-
 @dataclass(frozen=True)
 class Preset:
     """One comparison setting. Subsets are seeded random draws (the stored datasets are class-sorted)."""
@@ -147,13 +141,6 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def device_name(device: str) -> str:
-    """A human-readable device description for the table and figures."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
 def subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
     """``data`` restricted to seeded random subsets of its splits (None or 0: the whole split)."""
     g = torch.Generator().manual_seed(seed + 17)
@@ -264,211 +251,6 @@ def run_one(name: str, cfg: Config, data: ImageData, *, resume: bool, progress: 
     return row
 
 
-def _f(v: float | None, fmt: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
-def standard_error(acc: float | None, n: int) -> float | None:
-    """Binomial standard error of an accuracy measured on ``n`` test images (the evaluation's noise, not the seed's)."""
-    if acc is None or n < 1:
-        return None
-    return (acc * (1 - acc) / n) ** 0.5
-
-
-def _pm(acc: float | None, n: int) -> str:
-    se = standard_error(acc, n)
-    return "n/a" if se is None else f"{acc:.3f} ± {se:.3f}"
-
-
-def within_noise(rows: list[dict[str, Any]], key: str = "pgd20_acc") -> list[str]:
-    """Each pair of rows whose ``key`` accuracies differ by less than twice the standard error of the difference
-    (sqrt(se_a^2 + se_b^2), test images treated as independent draws): differences the evaluation cannot resolve."""
-    out = []
-    for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
-            va, vb = a.get(key), b.get(key)
-            if va is not None and vb is not None and indistinct(va, vb, a["test_n"]):
-                out.append(f"{LABELS.get(a['name'], a['name'])} vs {LABELS.get(b['name'], b['name'])} ({va:.3f} vs {vb:.3f})")
-    return out
-
-
-def indistinct(a: float, b: float, n: int) -> bool:
-    """Whether accuracies ``a`` and ``b`` on ``n`` test images each differ by less than 2 standard errors of the difference."""
-    return abs(a - b) < 2 * (standard_error(a, n) ** 2 + standard_error(b, n) ** 2) ** 0.5
-
-
-def format_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    """results.md: the comparison table (± binomial standard error), the long runs if any, and how it was measured."""
-    base = next((r["train_seconds"] for r in rows if r["name"] == "pgd"), None)
-    ema = any(r.get("ema_pgd20_acc") is not None for r in rows)
-    head = ("| method | clean | PGD-20 | CW PGD-20 | AutoAttack ± s.e. | " + ("EMA clean | EMA PGD-20 | " if ema else "")
-            + "held-out PGD-10 best (epoch) | held-out PGD-10 last (epoch) | best ckpt: clean / PGD-20 | train s | vs PGD-10 |\n"
-            + "|---" * (12 if ema else 10) + "|")
-    lines = [f"# Reproduce: preset {info['preset']}", "", head]
-    for r in rows:
-        rel = f"{r['train_seconds'] / base:.2f}x" if base else "n/a"
-        n = r["test_n"]
-        ema_cols = f"{_pm(r.get('ema_clean_acc'), n)} | {_pm(r.get('ema_pgd20_acc'), n)} | " if ema else ""
-        lines.append(
-            f"| {LABELS.get(r['name'], r['name'])} | {_pm(r['clean_acc'], n)} | {_pm(r['pgd20_acc'], n)} | {_f(r['cw20_acc'])} "
-            f"| {_aa(r)} | {ema_cols}{_f(r['best_holdout_robust'])} ({r['best_epoch']}) "
-            f"| {_f(r['last_holdout_robust'])} ({r['last_epoch']}) "
-            f"| {_f(r['best_clean_acc'])} / {_f(r['best_pgd20_acc'])} | {r['train_seconds']:.1f} | {rel} |")
-    s = info["settings"]
-    same = within_noise(rows)
-    lines += ["", "± is the binomial standard error sqrt(p(1-p)/n) over the n test images (one seed: seed-to-seed spread "
-                  "is not in it). PGD-20 differences within 2 standard errors of the difference (noise): "
-                  + ("; ".join(same) if same else "none") + "."]
-    if ema:
-        same = [f"{LABELS.get(r['name'], r['name'])} ({r['pgd20_acc']:.3f} vs {r['ema_pgd20_acc']:.3f})" for r in rows
-                if r.get("ema_pgd20_acc") is not None and r.get("pgd20_acc") is not None
-                and indistinct(r["ema_pgd20_acc"], r["pgd20_acc"], r["test_n"])]
-        lines += [f"EMA (decay {s['ema']:g}, warm-up {s['ema_warmup']:g}) against the last model, PGD-20 within noise: "
-                  + (", ".join(same) if same else "none") + "."]
-    lines += [
-        "",
-        f"- Device: {info['device_name']} (`{info['device']}`), torch {info['torch']}.",
-        f"- Data: {s['dataset']}, {s['n_train']} training images, test metrics on {s['n_test']} test images; "
-        f"model {s['model']} width {s['width']}; {s['epochs']} epochs, batch {s['batch_size']}, cyclic lr to {s['lr']}, "
-        f"eps {s['eps'] * 255:.3g}/255.",
-        f"- PGD-20 and CW PGD-20: step 2/255, random start, eval mode, on the last epoch's model; held-out PGD-10 after "
-        f"every epoch on up to {s['eval_n']} validation images (training split, not trained on); 'best ckpt' is "
-        "model_best.pt (highest validation PGD-10), scored on the test images, which played no part in choosing it.",
-        _aa_note(rows),
-        "- train s: training time only (no evaluation, no probe); Free runs ceil(epochs/m) passes of m replays.",
-        f"- Wall time of the whole command: {info['wall_seconds'] / 60:.1f} min.",
-        "",
-        "Command:",
-        "",
-        f"    {info['command']}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _aa(r: dict[str, Any]) -> str:
-    """AutoAttack cell: accuracy ± standard error, or n/a (not run, or torchattacks missing)."""
-    if r.get("aa_acc") is None:
-        return "n/a"
-    return f"{r['aa_acc']:.3f} ± {r['aa_se']:.3f}"
-
-
-def _aa_note(rows: list[dict[str, Any]]) -> str:
-    """How AutoAttack was run: points, settings, or why it was not."""
-    done = [r for r in rows if r.get("aa_settings")]
-    if not done:
-        why = next((r["aa_note"] for r in rows if r.get("aa_note")), "not run for these rows")
-        return f"- AutoAttack: n/a ({why})."
-    s = done[0]["aa_settings"]
-    return (f"- AutoAttack ({s['library']}, {s['version']} L-inf: APGD-CE, APGD-T, FAB-T with {s['apgd_steps']} "
-            f"iterations, Square {s['square_queries']} queries, seed {s['seed']}) on {done[0]['aa_n']} test points "
-            f"(a seeded random subset unless that is all of them), eval mode; ± is the binomial standard error. "
-            f"The curves (robustness_curves.png) use the same points.")
-
-
-def _series(row: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
-    """(epoch, value) pairs of a history key; Free's epochs are scaled to data-pass equivalents."""
-    k = row["data_passes_divisor"]
-    pts = [(h["epoch"] * k, h[key]) for h in row["history"] if h.get(key) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _footer(fig: Any, info: dict[str, Any]) -> None:
-    text = f"device: {info['device_name']}  |  {info['command']}"
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=6, va="bottom", ha="left", color="0.3")
-
-
-def _figure(ncols: int = 1) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.0), squeeze=False)
-    fig.subplots_adjust(bottom=0.2, wspace=0.3)
-    return fig, axes[0]
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_all(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> list[str]:
-    """Write the figures; return their file names."""
-    names: list[str] = []
-    if rows:
-        fig, (ax,) = _figure()
-        for r in rows:
-            ax.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=LABELS.get(r["name"], r["name"]))
-        ax.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Robust accuracy per epoch")
-        ax.legend(fontsize=8)
-        _footer(fig, info)
-        _save(fig, out / "robust_acc.png")
-        names.append("robust_acc.png")
-
-        fig, (ax1, ax2) = _figure(2)
-        for r in rows:
-            if r["method"] == "clean":
-                continue
-            label = LABELS.get(r["name"], r["name"])
-            (line,) = ax1.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label)
-            ax2.plot(*_series(r, "probe_cosine"), marker="o", ms=3, label=label, color=line.get_color())
-        ax1.plot(*_series(rows[0], "probe_noise_ratio"), ls=":", color="0.5", label="random sign noise")
-        ax1.set(xlabel="epoch", ylabel="loss gain / PGD-10's loss gain", title="Perturbation strength ratio")
-        ax2.set(xlabel="epoch", ylabel="cosine to PGD-10 perturbation", title="Perturbation direction")
-        ax1.legend(fontsize=8)
-        _footer(fig, info)
-        _save(fig, out / "strength_ratio.png")
-        names.append("strength_ratio.png")
-
-    with_curves = {LABELS.get(r["name"], r["name"]): r["curve"] for r in rows if r.get("curve")}
-    if with_curves:
-        from apart_fast.attacks import plot_curves
-
-        s = info["settings"]
-        n = next(r["aa_n"] for r in rows if r.get("curve"))
-        plot_curves(with_curves, out / "robustness_curves.png",
-                    title=f"{s['model']} width {s['width']} on {s['dataset']}, {n} test points: one curve per method",
-                    footer=f"device: {info['device_name']}  |  {info['command']}")
-        names.append("robustness_curves.png")
-
-    aparts = [r for r in rows + long_rows if r["method"] == "apart"]
-    if aparts:
-        r = aparts[-1] if long_rows else aparts[0]
-        fig, (ax1, ax2) = _figure(2)
-        for key in ("a_init", "a_in"):
-            ax1.plot(*_series(r, key), marker="o", ms=3, label=key)
-        ax1.axhline(info["settings"]["eps"], ls=":", color="0.5", label="eps")
-        layers = sorted({k for h in r["history"] for k in h if k.startswith("a_layer")}, key=lambda k: int(k[7:]))
-        for key in layers:
-            ax2.plot(*_series(r, key), label=key)
-        ax1.set(xlabel="epoch", ylabel="step size (image units)", title=f"APART input step sizes ({LABELS[r['name']]})")
-        ax2.set(xlabel="epoch", ylabel="step size", title="APART layer step sizes a_b")
-        ax1.legend(fontsize=8)
-        ax2.legend(fontsize=6, ncol=2)
-        _footer(fig, info)
-        _save(fig, out / "apart_step_sizes.png")
-        names.append("apart_step_sizes.png")
-
-    if long_rows:
-        fig, (ax1, ax2) = _figure(2)
-        for r in long_rows:
-            label = LABELS.get(r["name"], r["name"])
-            (line,) = ax1.plot(*_series(r, "holdout_robust_acc"), marker="o", ms=3, label=label)
-            ax2.plot(*_series(r, "probe_strength_ratio"), marker="o", ms=3, label=label, color=line.get_color())
-            ax2.plot(*_series(r, "probe_noise_ratio"), ls=":", color=line.get_color(), label=f"noise ({label} model)")
-        ax1.set(xlabel="epoch", ylabel="held-out PGD-10 accuracy", title="Long runs: robust accuracy")
-        ax2.set(xlabel="epoch", ylabel="loss gain / PGD-10's", title="Long runs: perturbation strength ratio")
-        ax1.legend(fontsize=8)
-        ax2.legend(fontsize=7)
-        _footer(fig, info)
-        _save(fig, out / "long_fgsm.png")
-        names.append("long_fgsm.png")
-    return names
-
-
 OUTPUTS = ("results.md", "results.json", "robust_acc.png", "strength_ratio.png", "robustness_curves.png",
            "apart_step_sizes.png", "long_fgsm.png")  # what ``run`` writes into --out beside the runs
 
@@ -476,7 +258,7 @@ OUTPUTS = ("results.md", "results.json", "robust_acc.png", "strength_ratio.png",
 def check_reproduce_out(out: Path, names: list[str], resume: bool, overwrite: bool) -> None:
     """ConfigError unless ``out`` can take this comparison: not a train run's own folder; without ``resume`` or
     ``overwrite``, no earlier results and no run in any ``out/<name>``; no files a run did not write there."""
-    from apart_fast.engine.loop import check_out_dir
+    from apart_fast.engine.out_dir import check_out_dir
     from apart_fast.engine.run_folder import run_files
 
     if out.exists() and not out.is_dir():
@@ -500,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eps is not None:
         check_budget("--eps", args.eps)
         preset = dataclasses.replace(preset, eps=args.eps, eval_eps=None)
-    from apart_fast.engine.loop import auto_device
+    from apart_fast.engine.device import auto_device
 
     device = auto_device(args.device)
     if preset.needs_gpu and not device.startswith("cuda") and not args.force:
@@ -537,7 +319,7 @@ def _run_all(args: argparse.Namespace, preset: Preset, methods: tuple[str, ...],
     long_epochs = _pick(args.long_epochs, preset.long_epochs)
     data_dir = args.data_dir or preset.data_dir
     info: dict[str, Any] = {"preset": args.preset, "command": command_line(args), "device": device,
-                            "device_name": device_name(device), "torch": torch.__version__}
+                            "device_name": device_label(device), "torch": torch.__version__}
     data = load_dataset(preset.dataset, data_dir, seed=args.seed, synthetic_size=preset.synthetic_size)
     data = subset(data, _pick(args.train_subset, preset.train_subset), _pick(args.test_subset, preset.test_subset),
                   args.seed)
@@ -558,9 +340,9 @@ def _run_all(args: argparse.Namespace, preset: Preset, methods: tuple[str, ...],
         cfg = method_config(m, preset, epochs=epochs, out=str(out / m), **common)
         rows.append(run_one(m, cfg, data, resume=args.resume, progress=not args.no_progress, preset=preset,
                             aa_n=aa_n))
-        ema = f", EMA PGD-20 {_f(rows[-1]['ema_pgd20_acc'])}" if args.ema is not None else ""
-        print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {_f(rows[-1]['pgd20_acc'])}{ema}, "
-              f"AutoAttack {_aa(rows[-1])}, {rows[-1]['train_seconds']:.0f} s", flush=True)
+        ema = f", EMA PGD-20 {num(rows[-1]['ema_pgd20_acc'])}" if args.ema is not None else ""
+        print(f"[reproduce] {m}: clean {rows[-1]['clean_acc']:.3f}, PGD-20 {num(rows[-1]['pgd20_acc'])}{ema}, "
+              f"AutoAttack {aa_cell(rows[-1])}, {rows[-1]['train_seconds']:.0f} s", flush=True)
     long_rows: list[dict[str, Any]] = []
     if args.long_fgsm:
         cfg = method_config("fgsm", preset, epochs=long_epochs, out=str(out / "long_fgsm"),

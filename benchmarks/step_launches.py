@@ -16,7 +16,7 @@ import torch
 
 from apart_fast.bench.cost import CostOptions, load_bench_data, method_config
 from apart_fast.bench.launches import count_launches
-from apart_fast.engine.loop import Run
+from apart_fast.engine.run import Run
 
 STEP_PRIMITIVES = "step/"  # apart_fast/step/: guard.py, optim.py, schedule.py, amp.py, distributed.py
 

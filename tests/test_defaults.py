@@ -14,7 +14,7 @@ from PIL import Image
 
 from apart_fast.cli import build_parser, main
 from apart_fast.config import Config
-from apart_fast.engine import loop
+from apart_fast.engine import loop, out_dir
 
 TINY = ["--method", "clean", "--dataset", "synthetic", "--model", "smallcnn", "--width", "4", "--batch-size", "64",
         "--epochs", "2", "--eval-n", "16", "--eval-steps", "1", "--final-eval-steps", "0"]
@@ -131,12 +131,12 @@ def test_out_none_saves_nothing(tmp_path, capsys):
 
 
 def test_auto_out_dir_takes_the_next_free_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "20250102-030405")
+    monkeypatch.setattr(out_dir.time, "strftime", lambda fmt: "20250102-030405")
     cfg = Config(method="apart", dataset="cifar10")
-    assert loop.auto_out_dir(cfg, tmp_path) == str(tmp_path / "apart-cifar10-20250102-030405")
+    assert out_dir.auto_out_dir(cfg, tmp_path) == str(tmp_path / "apart-cifar10-20250102-030405")
     (tmp_path / "apart-cifar10-20250102-030405").mkdir()
     (tmp_path / "apart-cifar10-20250102-030405-2").mkdir()
-    assert loop.auto_out_dir(cfg, tmp_path) == str(tmp_path / "apart-cifar10-20250102-030405-3")
+    assert out_dir.auto_out_dir(cfg, tmp_path) == str(tmp_path / "apart-cifar10-20250102-030405-3")
 
 
 def test_first_line_names_a_users_model_and_only_the_defaults_it_took(monkeypatch, capsys):

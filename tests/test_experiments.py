@@ -65,7 +65,8 @@ def test_training_cpu_time_leaves_out_what_happens_outside_the_process(monkeypat
 def test_demo_cost_column_divides_cpu_times_so_a_busy_machine_does_not_skew_it(monkeypatch):
     """The demo's runs are made one after another: a run slowed by other jobs (wall time up, CPU time not) keeps its cost."""
     import apart_fast.engine.loop as loop
-    from apart_fast.experiments import demo, format_table
+    from apart_fast.experiments import demo
+    from apart_fast.report.evaluation import format_table
 
     times = {"clean": (30.0, 1.0), "pgd": (10.0, 8.0)}  # (wall, CPU) seconds: clean ran beside another job
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from apart_fast.cli import main
-from apart_fast.reproduce import format_table, indistinct, standard_error, within_noise
+from apart_fast.report.comparison import format_table, within_noise
+from apart_fast.report.text import indistinct, standard_error
 
 
 def test_standard_error_and_noise_verdicts():

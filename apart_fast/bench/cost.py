@@ -10,7 +10,7 @@ is synchronised before and after each step. With ``rounds > 1`` the methods are 
 A Free step replays its batch m times (m optimizer updates); its E-epoch run makes ceil(E/m) passes
 over the data, so its cost per epoch of training budget is step time x steps per pass / m.
 
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` from building the Run to the last timed step,
+Memory (``bench.memory``): on CUDA, ``torch.cuda.max_memory_allocated`` from building the Run to the last timed step,
 less what was allocated before; on the CPU, the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before building the Run) less its RSS before — both include the Run's model,
 optimizer, method state (APART's per-example store) and the dataset's device copy.
@@ -24,6 +24,8 @@ loses nothing measured.
 
 With ``--compile``, ``torch._dynamo``'s counters give each method's frames compiled at its first step and
 after it (recompiles), its graphs and its graph breaks (with their reasons), in cost.json's ``compile``.
+
+This module measures; cost.md and cost.png are drawn by ``report/cost.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import json
 import math
 import os
 import statistics
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,16 +49,14 @@ from tqdm.auto import tqdm
 
 from apart_fast.bench.env import environment, timestamp
 from apart_fast.bench.launches import count_launches
+from apart_fast.bench.memory import PeakMemory
 from apart_fast.config import METHODS, ApartConfig, Config, ConfigError
 from apart_fast.data import Batch, ImageData, load_dataset
+from apart_fast.report.cost import CLAIMS, LABELS, markdown, plot
 
 # Benchmark precision -> the engine's --amp mode (autocast around the forward passes; fp16 loss-scaled).
 DTYPES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_METHODS = ("clean", "fgsm_rs", "nfgsm", "gradalign", "free", "pgd", "apart")
-LABELS = {"clean": "clean", "fgsm": "FGSM", "fgsm_rs": "FGSM-RS", "nfgsm": "N-FGSM", "gradalign": "GradAlign", "free": "Free",
-          "pgd": "PGD", "apart": "APART"}
-
-
 @dataclass
 class CostOptions:
     """Settings of one ``bench cost`` invocation (times in steps, sizes in examples)."""
@@ -134,62 +133,6 @@ def method_config(opts: CostOptions, method: str, epochs: int = 1, apart: dict[s
                   compile_backend=opts.compile_backend, ema=opts.ema, apart=ApartConfig(**(apart or {}))).validate()
 
 
-class _Memory:
-    """Peak memory of a region: CUDA allocator peak, or the process's peak RSS on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.kind = ("torch.cuda.max_memory_allocated" if self.cuda
-                     else "process peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before")
-        self.base = 0
-
-    def start(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        _malloc_trim()  # hand freed heap pages back, so reusing them shows up in the peak
-        self.base = _status_kb("VmRSS") * 1024
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (Linux >= 4.0)
-        except OSError:
-            self.kind = "process peak RSS (ru_maxrss, never reset: a lower bound after a larger earlier method) minus RSS before"
-
-    def peak(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
-        return max(0, _status_kb("VmHWM") * 1024 - self.base)
-
-
-def _malloc_trim() -> None:
-    """glibc's malloc_trim(0): return free heap memory to the OS (no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_kb(key: str) -> int:
-    """A kB field of /proc/self/status (0 where there is none)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    if key == "VmHWM":
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return 0
-
-
 def _batches(loader: Any) -> Iterator[Batch]:
     """The loader's batches, epoch after epoch, forever."""
     return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
@@ -211,7 +154,7 @@ class _Timed:
 
     def __init__(self, opts: CostOptions, method: str, data: ImageData, device: torch.device, name: str | None = None,
                  apart: dict[str, Any] | None = None) -> None:
-        from apart_fast.engine.loop import Run
+        from apart_fast.engine.run import Run
 
         self.name, self.device = name or method, device
         n_train = int(data.train_x.shape[0])
@@ -220,7 +163,7 @@ class _Timed:
         total = opts.warmup + opts.steps * opts.rounds
         # enough epochs that the lr schedule spans every measured step (it only sets lr and momentum)
         cfg = method_config(opts, method, epochs=divisor * max(1, math.ceil(total / max(per_pass, 1))), apart=apart)
-        self.memory = _Memory(device)
+        self.memory = PeakMemory(device)
         self.memory.start()
         self.run = Run(cfg, data=data)
         self.stream = _batches(self.run.loader)
@@ -286,7 +229,7 @@ def measure(opts: CostOptions, data: ImageData, variants: dict[str, tuple[str, d
     """Time every method (round-robin over ``rounds``); one row per method and the memory measure's name.
     ``variants``: more rows, name -> (method, ApartConfig overrides), e.g. APART's ablations.
     ``save(rows, memory_kind)`` is called with the timed rows before the launches are counted."""
-    from apart_fast.engine.loop import resolve_device
+    from apart_fast.engine.device import resolve_device
 
     device = resolve_device(opts.device)
     if device.type == "cuda":  # start the profiler (Kineto) once before any capture: see the module docstring
@@ -409,7 +352,7 @@ def train_and_eval(opts: CostOptions, data: ImageData, out: Path) -> dict[str, d
 
 def run_cost(opts: CostOptions) -> dict[str, Any]:
     """Measure, optionally train, and write cost.md, cost.json and cost.png into ``opts.out``."""
-    from apart_fast.engine.loop import auto_device
+    from apart_fast.engine.device import auto_device
 
     opts.device = auto_device(opts.device)
     opts.validate()
@@ -454,10 +397,6 @@ def _load() -> list[float] | None:
         return None
 
 
-# (method, reference) step-time ratios the project states: APART's cost claims, and N-FGSM costing what FGSM-RS costs
-CLAIMS = (("apart", "pgd"), ("apart", "clean"), ("nfgsm", "fgsm_rs"), ("gradalign", "fgsm_rs"))
-
-
 def claims(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """Step time of each ``CLAIMS`` method relative to its reference: medians, paired per round, fastest steps."""
     by = {r["method"]: r for r in rows}
@@ -471,122 +410,3 @@ def claims(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         out[f"{m}_step_vs_{ref}_paired"] = (
             statistics.median(x / y for x, y in zip(a["round_medians"], b["round_medians"])) if a and b else None)
     return out
-
-
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
-
-
-def _ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
-def _mib(b: int | None) -> str:
-    return "-" if b is None else f"{b / 2**20:.0f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """The table users paste, with the command, device, versions and caveats above it."""
-    env, o, rows = result["env"], result["options"], result["rows"]
-    d = result["data"]
-    lines = [
-        f"# bench cost: {o['model']} width {o['width']}, batch {o['batch_size']}, {o['dtype']}, {env['device_name']}",
-        "",
-        f"- command: `{env['command']}`",
-        f"- device: {env['device']} ({env['device_name']}); CPU {env['cpu_model']}, {env['cpu_count']} cores, "
-        f"torch threads {env['torch_threads']}, load average (1/5/15 min) {env['load_avg_1_5_15']} at start, "
-        f"{env.get('load_avg_after_timing')} after timing",
-        f"- torch {env['torch']}, triton {env['triton']}, commit {env['apart_fast_commit']}, "
-        f"op backend {rows[0]['backend'] if rows else '-'}",
-        f"- data: {d['name']} {d['channels']}x{d['image_size'][0]}x{d['image_size'][1]}, {d['n_train']} training examples; "
-        f"epoch = {d['epoch_size']} examples",
-        f"- timing: {result['timing']}; {o['warmup']} warm-up + {o['steps']} timed steps x {o['rounds']} round(s) per method",
-        f"- memory: {result['memory']}",
-        f"- launches: per step, {rows[0].get('launch_kind', 'not counted yet') if rows else '-'} of one more step, "
-        "under torch.profiler",
-        "",
-        f"- CUDA graphs: {', '.join(r['label'] for r in rows if r.get('cuda_graphs')) or 'none'}; "
-        f"torch.compile: {o.get('compile_backend', 'inductor') if o.get('compile') else 'off'}; weight averaging: "
-        + (f"EMA {o['ema']:g} updated after every step" if o.get("ema") is not None else "off"),
-        "",
-        "| method | passes/step | ms/step (median) | IQR ms | min-max ms | ms/update | images/s | s/epoch | x PGD (step) "
-        "| x PGD (epoch) | x clean (step) | peak MiB | launches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        s = r["step_s"]
-        lines.append(
-            f"| {r['label']} | {r['passes_per_step']} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])}-{_ms(s['max'])} "
-            f"| {_ms(r['s_per_update'])} | {r['images_per_s']:.0f} | {r['s_per_epoch']:.2f} | {_ratio(r['step_vs_pgd'])} "
-            f"| {_ratio(r['epoch_vs_pgd'])} "
-            f"| {_ratio(r['step_vs_clean'])} | {_mib(r['peak_mem_bytes'])} | {r.get('launches_per_step', '-')} |"
-        )
-    if any(r["method"] == "free" for r in rows):
-        m = next(r for r in rows if r["method"] == "free")["epoch_divisor"]
-        lines += ["", f"Free: one step replays its batch m={m} times (m forward/backward passes, m updates); ms/update is "
-                      f"per replay. Its E-epoch run makes E/m passes over the data, so s/epoch = step x steps/pass / m."]
-    if any("train" in r for r in rows):
-        lines += ["", "| method | passes over data | train s | train s/epoch | clean acc | robust acc | eval |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
-        for r in rows:
-            t = r.get("train")
-            if t:
-                lines.append(f"| {r['label']} | {t['epochs']} | {t['train_seconds']:.1f} | {t['train_s_per_epoch']:.1f} "
-                             f"| {t['test_clean_acc']:.4f} | {_acc(t['test_robust_acc'])} | {t['eval']} on {t['test_n']} |")
-    c = result.get("claims", {})
-    stated = [(m, ref) for m, ref in CLAIMS if c.get(f"{m}_step_vs_{ref}") is not None]
-    if stated:
-        lines.append("")
-    for m, ref in stated:
-        k = f"{m}_step_vs_{ref}"
-        label = f"PGD-{o['pgd_steps']}" if ref == "pgd" else LABELS[ref]
-        lines.append(f"- {LABELS[m]} step / {label} step: {_ratio(c[k])} (medians), "
-                     f"{_ratio(c[k + '_paired'])} (median over {o['rounds']} rounds of the per-round ratio), "
-                     f"{_ratio(c[k + '_min'])} (fastest steps)")
-    return "\n".join(lines) + "\n"
-
-
-def _acc(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Bar chart of time per epoch relative to PGD-k; clean and robust accuracy beside it when trained."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    trained = [r for r in rows if r.get("train") and r["train"].get("test_robust_acc") is not None]
-    fig, axes = plt.subplots(1, 2 if trained else 1, figsize=(11 if trained else 6.5, 4.2), squeeze=False)
-    ax = axes[0][0]
-    labels = [r["label"] for r in rows]
-    ref = "pgd" if any(r["method"] == "pgd" for r in rows) else "clean" if any(r["method"] == "clean" for r in rows) else None
-    if ref:
-        vals = [r[f"epoch_vs_{ref}"] for r in rows]
-        ax.set_ylabel(f"time per epoch / {'PGD' if ref == 'pgd' else 'clean'}'s")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    else:
-        vals = [r["s_per_epoch"] for r in rows]
-        ax.set_ylabel("seconds per epoch")
-    bars = ax.bar(labels, vals, color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_title("training cost")
-    if trained:
-        ax2 = axes[0][1]
-        x = range(len(trained))
-        ax2.bar([i - 0.2 for i in x], [r["train"]["test_clean_acc"] for r in trained], 0.4, label="clean")
-        ax2.bar([i + 0.2 for i in x], [r["train"]["test_robust_acc"] for r in trained], 0.4, label="PGD-20")
-        ax2.set_xticks(list(x), [r["label"] for r in trained])
-        ax2.set_ylim(0, 1)
-        ax2.set_ylabel("test accuracy")
-        ax2.set_title(f"after {result['options']['train_epochs']} epoch(s)")
-        ax2.legend(fontsize=8)
-    env = result["env"]
-    cmd = textwrap.fill(env["command"], 130 if trained else 100, break_on_hyphens=False)
-    fig.suptitle(f"{env['device_name']} ({env['torch_threads']} torch threads; ratio per epoch of training budget)\n{cmd}",
-                 fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -210,7 +210,7 @@ def tiny_config(method: str, backend: str, amp: str = "none", ema: float | None 
 
 def check_run(cfg: Config) -> list[Violation]:
     """The violations of the step ``GraphStep`` would capture for ``cfg`` (which must ask for ``cuda_graphs``)."""
-    from apart_fast.engine.loop import Run
+    from apart_fast.engine.run import Run
 
     run = Run(cfg)
     stepper = run.stepper

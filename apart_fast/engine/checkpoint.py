@@ -98,6 +98,17 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state dict (what a checkpoint of it takes on disk, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def is_run_checkpoint(path: str | Path) -> bool:
     """True iff ``path`` is a file written by ``save`` (any format version): judged from a format-1 header or
     a format-2 zip directory holding the integrity record, without reading the tensors. A format-2 file cut

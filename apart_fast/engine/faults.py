@@ -13,6 +13,7 @@ steps (the current step finishes, a checkpoint is written); a second signal abor
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from types import FrameType
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
 
@@ -30,6 +32,11 @@ class NumericFaultError(RuntimeError):
 
 class RunFailedError(RuntimeError):
     """The run stopped midway on an OSError (a full disk, say) or out of memory; the message names the checkpoint it left."""
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr (``apart-fast: warning: ...``), written past any progress bar."""
+    tqdm.write(f"apart-fast: warning: {msg}", file=sys.stderr)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from apart_fast.config import ApartConfig, Config, ConfigError
-from apart_fast.engine.loop import Run, resolve_device
+from apart_fast.engine.device import resolve_device
+from apart_fast.engine.run import Run
 
 
 def test_cuda_n_becomes_the_current_device(monkeypatch):

@@ -9,7 +9,9 @@ import torch
 
 from apart_fast.config import Config
 from apart_fast.data import load_dataset
-from apart_fast.engine.loop import Run, resolve_device, train
+from apart_fast.engine.device import resolve_device
+from apart_fast.engine.loop import train
+from apart_fast.engine.run import Run
 
 
 def _cfg(**kw) -> Config:

@@ -27,7 +27,7 @@ import apart_fast
 from apart_fast.cli import main
 from apart_fast.config import ApartConfig, Config, ConfigError
 from apart_fast.data import load_dataset
-from apart_fast.engine import loop
+from apart_fast.engine import out_dir
 
 # Settings refused before the first step: (flags added to the tiny run, needles of the error line).
 BAD_SETTINGS = [
@@ -360,7 +360,7 @@ def test_a_name_no_write_can_encode_is_named_in_one_line(tiny_data, tmp_path, mo
     def refuse(path, flag="--out"):  # noqa: ANN001, ANN202
         name.encode()
 
-    monkeypatch.setattr(loop, "check_writable", refuse)
+    monkeypatch.setattr(out_dir, "check_writable", refuse)
     rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(tmp_path / name)], capsys)
     assert rc == 2
     assert_one_line(err, "'r\\udce9' holds characters that cannot be encoded (surrogates not allowed)", "LANG=C.UTF-8")

@@ -14,7 +14,7 @@ from fault_helpers import assert_one_line, make_image_folder, run_cli, snapshot,
 from PIL import Image
 
 from apart_fast.config import Config, ConfigError
-from apart_fast.engine import loop
+from apart_fast.engine import loop, out_dir, run_folder
 from apart_fast.methods.clean import Clean
 
 
@@ -55,7 +55,7 @@ def test_unusable_out_exits_2_and_changes_nothing(build, needles, tiny_data, tmp
 
 def test_no_free_space_for_a_checkpoint_exits_2(tiny_data, run_copy, monkeypatch, capsys):
     before = snapshot(run_copy)
-    monkeypatch.setattr(loop.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(out_dir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(run_copy), "--overwrite"], capsys)
     assert rc == 2
     assert_one_line(err, "0.0 MiB free on its disk", "free some space")
@@ -66,7 +66,7 @@ def test_overwrite_replaces_the_run_and_drops_the_backup(tiny_data, run_copy, ca
     old = snapshot(run_copy)
     rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(run_copy), "--overwrite", "--seed", "1"], capsys)
     assert rc == 0, err
-    assert not (run_copy / loop.BACKUP).exists()
+    assert not (run_copy / run_folder.BACKUP).exists()
     assert json.loads((run_copy / "config.json").read_text())["seed"] == 1
     assert snapshot(run_copy)["checkpoint.pt"] != old["checkpoint.pt"]
 

@@ -18,6 +18,7 @@ from apart_fast.cli import main
 from apart_fast.config import Config, ConfigError
 from apart_fast.data import load_dataset
 from apart_fast.engine import checkpoint, loop
+from apart_fast.engine import run as engine_run
 from apart_fast.engine.checkpoint import CheckpointError
 from apart_fast.methods.clean import Clean
 
@@ -125,7 +126,7 @@ def test_out_of_memory_at_start_is_exit_2_and_debug_shows_the_traceback(error, t
     def oom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise error
 
-    monkeypatch.setattr(loop, "build_model", oom)
+    monkeypatch.setattr(engine_run, "build_model", oom)
     out = tmp_path / "run"
     rc, err = run_cli(["train", *tiny_flags(tiny_data), "--out", str(out)], capsys)
     assert rc == 2
