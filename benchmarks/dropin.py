@@ -30,7 +30,8 @@ from apart_fast.config import Config
 from apart_fast.engine.loop import train
 from apart_fast.experiments import evaluate_checkpoint
 
-MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar"), "vit": dict(model="vit")}
+# the ViT diverges (non-finite loss in epoch 4 of clean training) at the SGD peak lr 0.2 the ResNets use
+MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar"), "vit": dict(model="vit", lr=0.05)}
 COST_MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar", width=None),
                "preact18": dict(model="preact18", width=16)}
 
