@@ -129,7 +129,7 @@ class Run(RunState, RunEpochs):
             try:
                 attach_sites(self.model, cfg.apart.sites)
             except ValueError as e:
-                raise ConfigError(f"{e} (Python: ApartConfig(layer_perturb=False))") from None
+                raise ConfigError(str(e)) from None
         self.comm.broadcast_([*self.model.parameters(), *self.model.buffers()])  # the same start on every rank
         lkw = dict(device=self.device, pad=pad, pad_mode=cfg.pad_mode, pad_value=cfg.pad_value, flip=flip, seed=cfg.seed,
                    channels_last=channels_last)

@@ -72,7 +72,8 @@ def _nothing_found(model: nn.Module) -> str:
     example = layers or ["layer1.0.conv1"]
     return (f"attach_sites: no residual or transformer block recognised in {type(model).__name__} (it holds {found}); "
             f"pass the layers whose input APART perturbs, e.g. attach_sites(model, {example}) or --apart-sites "
-            f"{','.join(example)}, or train without layer-wise perturbation (--no-apart-layer-perturb)")
+            f"{','.join(example)}, or train without layer-wise perturbation (--no-apart-layer-perturb; in Python "
+            "ApartConfig(layer_perturb=False))")
 
 
 def site_names(model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ from fault_helpers import assert_one_line, killed_at_step, poison_step, run_cli,
 from torch import nn
 
 import apart_fast
-from apart_fast.config import Config, ConfigError
+from apart_fast.config import ApartConfig, Config, ConfigError
 from apart_fast.engine import checkpoint, loop, run_folder
 from apart_fast.engine.run_folder import BACKUP, LOCK, FolderLock
 from apart_fast.methods.clean import Clean
@@ -253,6 +253,16 @@ def test_a_model_that_does_not_fit_is_a_config_error_before_anything_is_written(
     assert not (tmp_path / "run").exists()
     flags = vars(apart_fast.cli.build_parser().parse_args(["train", "--no-apart-layer-perturb"]))
     assert flags["apart_layer_perturb"] is False  # the flag the message names exists
+
+
+def test_an_unknown_site_name_is_a_config_error_naming_only_its_own_fix(tiny_data, tmp_path):
+    cfg = Config(method="apart", dataset="imagefolder", data_dir=str(tiny_data), width=4, batch_size=16, epochs=1,
+                 eval_n=0, final_eval_steps=0, out=str(tmp_path / "run"), apart=ApartConfig(sites="fc,nope"))
+    with pytest.raises(ConfigError) as exc:
+        apart_fast.train(cfg, model=Flat(3 * 8 * 8, 2))
+    msg = str(exc.value)
+    assert "\n" not in msg and "no module 'nope'" in msg and "layer_perturb" not in msg  # naming a layer is the fix
+    assert not (tmp_path / "run").exists()
 
 
 def _sub_run(out: Path, finished: Path) -> None:

@@ -120,7 +120,8 @@ def test_torchvision_vit_trains_with_two_sites_per_block(images):
 def test_a_model_without_blocks_is_refused_with_the_real_flags(images):
     x, y = images
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
-    with pytest.raises(ValueError, match=r"it holds Conv2d x1, .*--apart-sites 3, .*\(--no-apart-layer-perturb\)$"):
+    with pytest.raises(ValueError, match=r"it holds Conv2d x1, .*--apart-sites 3, .*\(--no-apart-layer-perturb; "
+                                         r"in Python ApartConfig\(layer_perturb=False\)\)$"):
         setup(plain, x, y)
     method, _ = setup(plain, x, y, apart=ApartConfig(**GEN, layer_perturb=False))
     assert method.sites == [] and method.describe()[0].endswith("(--no-apart-layer-perturb)")
