@@ -5,7 +5,7 @@
 Accuracy: torchvision's ResNet-18 with the CIFAR stem (``--model torchvision:resnet18 --stem cifar``, sites
 hooked on by APART) and the project's small ViT (``--model vit``: patch 4, 6 blocks, width 128, sites on
 each branch's normalised input), each trained with clean, FGSM-RS and APART on a seeded CIFAR-10 training
-subset at eps 8/255 (no validation slice), for each seed; scored by PGD-20 with the CE and the CW loss
+subset at eps 8/255 (no validation slice; 5 epochs for the ResNet-18, 15 for the ViT), for each seed; scored by PGD-20 with the CE and the CW loss
 (step 2/255, eval mode) on a seeded test subset. Cost: ``bench cost``'s seconds per step of FGSM-RS and
 APART (round-robin, one torch thread) for the hooked ResNet-18 and for the project's PreAct-18 width 16
 (marked sites), on the same data; APART / FGSM-RS is each model's ratio.
@@ -34,6 +34,8 @@ from apart_fast.experiments import evaluate_checkpoint
 
 # the ViT diverges (non-finite loss in epoch 4 of clean training) at the SGD peak lr 0.2 the ResNets use
 MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar"), "vit": dict(model="vit", lr=0.05)}
+# epochs per model: a full-width ResNet-18 step costs ~14x a PreAct-18 width 16 step here; the ViT learns slowly
+EPOCHS = {"resnet18": 5, "vit": 15}
 COST_MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar", width=None),
                "preact18": dict(model="preact18", width=16)}
 
@@ -41,7 +43,8 @@ COST_MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar", widt
 def run_one(args: argparse.Namespace, model: str, method: str, seed: int) -> dict:
     """Train one (model, method, seed), evaluate its model.pt, return the JSON row."""
     folder = Path(args.out) / f"{model}_{method}_s{seed}"
-    cfg = Config(method=method, dataset="cifar10", data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+    epochs = args.epochs or EPOCHS[model]
+    cfg = Config(method=method, dataset="cifar10", data_dir=args.data_dir, epochs=epochs, batch_size=args.batch_size,
                  train_subset=args.subset, eval_n=0, final_eval_steps=0, device="cpu", seed=seed, out=str(folder),
                  **MODELS[model])
     if (folder / "results.json").exists():  # trained by an earlier, interrupted invocation: only evaluate
@@ -51,7 +54,8 @@ def run_one(args: argparse.Namespace, model: str, method: str, seed: int) -> dic
     ev = evaluate_checkpoint(str(folder / "model.pt"), steps=20, loss="both", n=args.n_test, device="cpu", progress=False)
     last = res["history"][-1]
     layers = [v / cfg.eps for k, v in last.items() if k.startswith("a_layer")]
-    return {"model": model, "method": method, "seed": seed, "clean_test_split": res["test_clean_acc"],
+    return {"model": model, "method": method, "seed": seed, "subset": args.subset, "epochs": epochs,
+            "clean_test_split": res["test_clean_acc"],
             "n_test_split": res["test_n"], "clean": ev["clean_acc"], "pgd20_ce": ev["pgd_ce_acc"],
             "pgd20_cw": ev["pgd_cw_acc"], "n_test": ev["n"], "train_s": round(res["train_seconds"], 1),
             "sites": (res.get("apart") or {}).get("sites"), "a_layer_over_eps": [round(v, 4) for v in layers],
@@ -65,10 +69,12 @@ def _mean_se(values: list[float]) -> str:
 
 def accuracy_table(rows: list[dict]) -> str:
     """Per model and method: each seed's clean (whole test split) and PGD-20 CE / CW accuracy (test subset), their mean."""
-    lines = ["| model | method | seed | clean (test split) | clean (subset) | PGD-20 CE | PGD-20 CW | "
-             "APART a_in / eps | APART a_layer / eps (min..max) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model (training images x epochs) | method | seed | clean (test split) | clean (subset) | PGD-20 CE | "
+             "PGD-20 CW | APART a_in / eps | APART a_layer / eps (min..max) |", "|---|---|---|---|---|---|---|---|---|"]
     for (model, method) in sorted({(r["model"], r["method"]) for r in rows}):
         group = sorted((r for r in rows if (r["model"], r["method"]) == (model, method)), key=lambda r: r["seed"])
+        setting = " / ".join(sorted({f"{r['subset']} x {r['epochs']}" for r in group}))
+        model = f"{model} ({setting})"
         for r in group:
             se = math.sqrt(r["pgd20_ce"] * (1 - r["pgd20_ce"]) / r["n_test"])
             al = r["a_layer_over_eps"]
@@ -104,7 +110,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--subset", type=int, default=2560,
                    help="seeded CIFAR-10 training subset (the one the default rule was chosen on)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help=f"default: per model, {EPOCHS}")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--n-test", type=int, default=500, help="seeded test subset scored by PGD-20 CE and CW")
     p.add_argument("--cost-steps", type=int, default=3, help="timed steps per method and round")
