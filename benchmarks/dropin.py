@@ -5,8 +5,9 @@
 Accuracy: torchvision's ResNet-18 with the CIFAR stem (``--model torchvision:resnet18 --stem cifar``, sites
 hooked on by APART) and the project's small ViT (``--model vit``: patch 4, 6 blocks, width 128, sites on
 each branch's normalised input), each trained with clean, FGSM-RS and APART on a seeded CIFAR-10 training
-subset at eps 8/255 (no validation slice; 5 epochs for the ResNet-18, 15 for the ViT), for each seed; scored by PGD-20 with the CE and the CW loss
-(step 2/255, eval mode) on a seeded test subset. Cost: ``bench cost``'s seconds per step of FGSM-RS and
+subset at eps 8/255 (no validation slice; 5 epochs for the ResNet-18, 15 for the ViT), for each seed;
+scored by PGD-20 with the CE and the CW loss (step 2/255, eval mode) on a seeded test subset (256 points for
+the ResNet-18, 500 for the ViT) and clean on the whole test split. Cost: ``bench cost``'s seconds per step of FGSM-RS and
 APART (round-robin, one torch thread) for the hooked ResNet-18 and for the project's PreAct-18 width 16
 (marked sites), on the same data; APART / FGSM-RS is each model's ratio.
 
@@ -34,8 +35,10 @@ from apart_fast.experiments import evaluate_checkpoint
 
 # the ViT diverges (non-finite loss in epoch 4 of clean training) at the SGD peak lr 0.2 the ResNets use
 MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar"), "vit": dict(model="vit", lr=0.05)}
-# epochs per model: a full-width ResNet-18 step costs ~14x a PreAct-18 width 16 step here; the ViT learns slowly
+# per model: a full-width ResNet-18 step costs ~14x a PreAct-18 width 16 step on a CPU, so it gets fewer epochs and
+# test points (PGD-20 CE and CW on 256 points is 2 x 21 x 2 forward-backward batches); the ViT learns slowly
 EPOCHS = {"resnet18": 5, "vit": 15}
+N_TEST = {"resnet18": 256, "vit": 500}
 COST_MODELS = {"resnet18": dict(model="torchvision:resnet18", stem="cifar", width=None),
                "preact18": dict(model="preact18", width=16)}
 
@@ -51,7 +54,7 @@ def run_one(args: argparse.Namespace, model: str, method: str, seed: int) -> dic
         res = json.loads((folder / "results.json").read_text())
     else:  # a checkpoint left by an interrupted invocation resumes; anything else starts afresh
         res = train(cfg, resume=(folder / "checkpoint.pt").exists(), overwrite=True, progress=False)
-    ev = evaluate_checkpoint(str(folder / "model.pt"), steps=20, loss="both", n=args.n_test, device="cpu", progress=False)
+    ev = evaluate_checkpoint(str(folder / "model.pt"), steps=20, loss="both", n=args.n_test or N_TEST[model], device="cpu", progress=False)
     last = res["history"][-1]
     layers = [v / cfg.eps for k, v in last.items() if k.startswith("a_layer")]
     return {"model": model, "method": method, "seed": seed, "subset": args.subset, "epochs": epochs,
@@ -112,7 +115,8 @@ def main() -> None:
                    help="seeded CIFAR-10 training subset (the one the default rule was chosen on)")
     p.add_argument("--epochs", type=int, default=None, help=f"default: per model, {EPOCHS}")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-test", type=int, default=500, help="seeded test subset scored by PGD-20 CE and CW")
+    p.add_argument("--n-test", type=int, default=None,
+                   help=f"seeded test subset scored by PGD-20 CE and CW; default: per model, {N_TEST}")
     p.add_argument("--cost-steps", type=int, default=3, help="timed steps per method and round")
     p.add_argument("--cost-rounds", type=int, default=3)
     p.add_argument("--no-cost", action="store_true", help="accuracy only")
