@@ -101,12 +101,14 @@ def evaluate_unit(path: Path, study: Study, eps: float, seed: int, progress: boo
 
 
 def autoattack_unit(path: Path, study: Study, eps: float) -> dict[str, Any]:
-    """AutoAttack (standard version) on the first ``aa_n`` points of the study's test subset."""
+    """AutoAttack (standard version) on the first ``aa_n`` points of the study's test subset, and PGD-20's CE and CW
+    on the same points (``pgd_on_aa``, the lower), so that what AutoAttack adds is read on one set of points."""
     from apart_fast.experiments import evaluate_checkpoint
 
-    aa = evaluate_checkpoint(str(path / "model.pt"), attack="autoattack", n=study.aa_n, eps=eps, step=eps / 4,
+    aa = evaluate_checkpoint(str(path / "model.pt"), attack="all", n=study.aa_n, eps=eps, step=eps / 4, steps=20,
                              device=study.device, seed=0, progress=False)
-    return {"aa": aa["autoattack_acc"], "aa_n": aa["n"], "aa_settings": aa["settings"].get("autoattack")}
+    return {"aa": aa["autoattack_acc"], "aa_n": aa["n"], "aa_settings": aa["settings"].get("autoattack"),
+            "pgd_on_aa": min(aa["pgd_ce_acc"], aa["pgd_cw_acc"])}
 
 
 def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume: bool, progress: bool,

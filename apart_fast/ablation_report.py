@@ -42,7 +42,7 @@ def summarize(units: list[dict[str, Any]]) -> dict[float, dict[str, dict[str, An
             s["worst"] = mean_se([min(u["pgd_ce"], u["pgd_cw"]) for u in us], n)
             aa = [u for u in us if u.get("aa") is not None]
             s["aa"] = (aa[0]["aa"], math.sqrt(aa[0]["aa"] * (1 - aa[0]["aa"]) / aa[0]["aa_n"]), aa[0]["aa_n"]) if aa else None
-            s["cw_on_aa"] = None
+            s["pgd_on_aa"] = aa[0].get("pgd_on_aa") if aa else None  # PGD-20's worst of CE, CW on AutoAttack's points
             s["train_seconds"] = statistics.fmean(u["train_seconds"] for u in us)
             last = [u["history"][-1] for u in us if u["history"] and "a_in" in u["history"][-1]]
             if last:
@@ -120,6 +120,8 @@ def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, A
                 continue
             st = s.get("steps")
             aa = f"{s['aa'][0]:.3f} ± {s['aa'][1]:.3f} (n={s['aa'][2]})" if s["aa"] else "—"
+            if s["aa"] and s["pgd_on_aa"] is not None:
+                aa += f"; PGD-20 {s['pgd_on_aa']:.3f}"
             a_in = f"{st['a_in_start']:.3g} -> {st['a_in']:.3f}" if st else "—"
             a_init = f"{st['a_init']:.3f}" if st else "—"
             blocks = f"{st['blocks']:.3f}" if st and st["blocks"] is not None else "—"
@@ -135,7 +137,8 @@ def markdown(summary: dict[float, dict[str, dict[str, Any]]], study: dict[str, A
               f"cyclic lr to {study['lr']}, no validation slice, the last model scored.",
               f"- Evaluation: eval mode, PGD-20 (step eps/4, one random start) with the CE and the CW loss on a seeded "
               f"{study['test_n']}-point test subset (the same points for every unit); AutoAttack (torchattacks, standard "
-              f"version) on the first {study['aa_n']} of them for seeds below {study['aa_seeds']}.",
+              f"version) on the first {study['aa_n']} of them for seeds below {study['aa_seeds']}, beside PGD-20's worst of "
+              f"CE and CW on the same points.",
               f"- Step cost: seconds per training step relative to PGD-10's, medians of every method timed round-robin in one "
               f"process ({cost['rounds'] if cost else 0} rounds; `bench.cost.measure`); frozen, script and full compute what "
               "the default computes.",

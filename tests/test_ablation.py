@@ -66,6 +66,23 @@ def test_summary_combines_seed_spread_and_test_error():
     assert (st["a_in_start"], st["a_in"], st["blocks_min"]) == pytest.approx((0.01, 0.5, 0.05))
 
 
+def test_autoattack_is_read_beside_pgd_on_its_own_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    calls = []
+
+    def fake_eval(path, **kw):
+        calls.append(kw)
+        return {"autoattack_acc": 0.19, "pgd_ce_acc": 0.25, "pgd_cw_acc": 0.22, "n": kw["n"], "settings": {"autoattack": {}}}
+
+    monkeypatch.setattr("apart_fast.experiments.evaluate_checkpoint", fake_eval)
+    study = ablation.Study(aa_n=100)
+    res = ablation.autoattack_unit(tmp_path, study, 8 / 255)
+    assert calls[0]["attack"] == "all" and calls[0]["n"] == 100 and calls[0]["steps"] == 20  # one set of points
+    assert (res["aa"], res["aa_n"], res["pgd_on_aa"]) == (0.19, 100, 0.22)
+    units = [unit("default", 8 / 255, 0, 0.30, **res), unit("default", 8 / 255, 1, 0.30)]
+    md = ablation_report.markdown(ablation_report.summarize(units), vars(study) | {"data_dir": "d", "model": "m"}, None)
+    assert f"0.190 ± {math.sqrt(0.19 * 0.81 / 100):.3f} (n=100); PGD-20 0.220" in md
+
+
 def test_targets_are_checked_on_the_numbers():
     e = 8 / 255
     units = [unit("default", e, s, 0.30) for s in range(3)] + [unit("frozen_start", e, s, 0.05) for s in range(3)]
