@@ -120,14 +120,20 @@ def main() -> None:
     p.add_argument("--cost-steps", type=int, default=3, help="timed steps per method and round")
     p.add_argument("--cost-rounds", type=int, default=3)
     p.add_argument("--no-cost", action="store_true", help="accuracy only")
+    p.add_argument("--cost-only", action="store_true", help="the cost table only (and the accuracy rows recorded so far)")
     args = p.parse_args()
+    if args.no_cost and args.cost_only:
+        p.error("--no-cost and --cost-only exclude each other; pass one")
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--models {args.models!r}: unknown {', '.join(map(repr, unknown))}; choose from {','.join(MODELS)}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "accuracy.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["model"], r["method"], r["seed"]) for r in rows}
-    for model in args.models.split(","):
+    for model in [] if args.cost_only else args.models.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
                 if (model, method, seed) in done:
@@ -137,7 +143,8 @@ def main() -> None:
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    print(accuracy_table(rows))
+    if rows:
+        print(accuracy_table(rows))
     if not args.no_cost:
         print()
         print(cost(args))
