@@ -7,6 +7,8 @@ import argparse
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,13 @@ def test_resume_evaluates_a_finished_run_and_resumes_an_unfinished_one(dropin, t
     assert calls[1] == ("train", str(unfinished), True)
     dropin.run_one(args, "vit", "apart", 2)
     assert calls[3] == ("train", str(tmp_path / "vit_apart_s2"), False)
+
+
+@pytest.mark.parametrize(("flags", "needle"), [(["--models", "resnet18,foo"], "--models 'resnet18,foo': unknown 'foo'"),
+                                               (["--no-cost", "--cost-only"], "exclude each other")])
+def test_bad_flags_are_refused_before_anything_is_written(flags, needle, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "dropin.py"), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr.splitlines()[-1], proc.stderr
+    assert not out.exists()
