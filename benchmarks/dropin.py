@@ -77,17 +77,17 @@ def accuracy_table(rows: list[dict]) -> str:
     for (model, method) in sorted({(r["model"], r["method"]) for r in rows}):
         group = sorted((r for r in rows if (r["model"], r["method"]) == (model, method)), key=lambda r: r["seed"])
         setting = " / ".join(sorted({f"{r['subset']} x {r['epochs']}" for r in group}))
-        model = f"{model} ({setting})"
+        label = f"{model} ({setting})"
         for r in group:
             se = math.sqrt(r["pgd20_ce"] * (1 - r["pgd20_ce"]) / r["n_test"])
             al = r["a_layer_over_eps"]
             steps = f"{min(al):.3f}..{max(al):.3f} ({len(al)} sites)" if al else "—"
             a_in = f"{r['a_in_over_eps']:.3f}" if r["a_in_over_eps"] is not None else "—"
-            lines.append(f"| {model} | {method} | {r['seed']} | {r['clean_test_split']:.3f} | {r['clean']:.3f} | "
+            lines.append(f"| {label} | {method} | {r['seed']} | {r['clean_test_split']:.3f} | {r['clean']:.3f} | "
                          f"{r['pgd20_ce']:.3f} ± {se:.3f} | {r['pgd20_cw']:.3f} | {a_in} | {steps} |")
         if len(group) > 1:
             cells = " | ".join(_mean_se([r[k] for r in group]) for k in ("clean_test_split", "clean", "pgd20_ce", "pgd20_cw"))
-            lines.append(f"| {model} | {method} | mean ± s.e. ({len(group)} seeds) | {cells} | | |")
+            lines.append(f"| {label} | {method} | mean ± s.e. ({len(group)} seeds) | {cells} | | |")
     return "\n".join(lines)
 
 
