@@ -114,8 +114,7 @@ def autoattack_unit(path: Path, study: Study, eps: float) -> dict[str, Any]:
 def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume: bool, progress: bool,
              generator: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and score one unit (or, with ``resume``, reuse what is finished); returns and writes its unit.json."""
-    from apart_fast.engine.checkpoint import is_run_checkpoint
-    from apart_fast.engine.loop import train
+    from apart_fast.engine.loop import train, train_once
 
     path = unit_dir(out, eps, row, seed)
     done = path / "unit.json"
@@ -126,12 +125,7 @@ def run_unit(study: Study, out: Path, row: str, eps: float, seed: int, *, resume
             done.write_text(json.dumps(unit, indent=1))
         return unit
     cfg = study.config(row, eps, seed, path, generator)
-    if resume and (path / "results.json").exists():
-        res = json.loads((path / "results.json").read_text())
-    elif resume and is_run_checkpoint(path / "checkpoint.pt"):  # interrupted mid-unit: continue from its checkpoint
-        res = train(cfg, resume=True, progress=progress, changed=set())
-    else:
-        res = train(cfg, overwrite=True, progress=progress)
+    res = train_once(cfg, progress=progress) if resume else train(cfg, overwrite=True, progress=progress)
     unit = {"row": row, "method": cfg.method, "eps": eps, "seed": seed, "generator": res.get("apart"),
             "train_seconds": res["train_seconds"], "history": res["history"],
             **evaluate_unit(path, study, eps, seed, progress)}

@@ -30,7 +30,7 @@ import torch
 
 from apart_fast.bench.cost import CostOptions, run_cost
 from apart_fast.config import Config
-from apart_fast.engine.loop import train
+from apart_fast.engine.loop import train_once
 from apart_fast.experiments import evaluate_checkpoint
 
 # the ViT diverges (non-finite loss in epoch 4 of clean training) at the SGD peak lr 0.2 the ResNets use
@@ -50,10 +50,7 @@ def run_one(args: argparse.Namespace, model: str, method: str, seed: int) -> dic
     cfg = Config(method=method, dataset="cifar10", data_dir=args.data_dir, epochs=epochs, batch_size=args.batch_size,
                  train_subset=args.subset, eval_n=0, final_eval_steps=0, device="cpu", seed=seed, out=str(folder),
                  **MODELS[model])
-    if (folder / "results.json").exists():  # trained by an earlier, interrupted invocation: only evaluate
-        res = json.loads((folder / "results.json").read_text())
-    else:  # a checkpoint left by an interrupted invocation resumes; anything else starts afresh
-        res = train(cfg, resume=(folder / "checkpoint.pt").exists(), overwrite=True, progress=False)
+    res = train_once(cfg, progress=False)  # kept or resumed from an earlier, interrupted invocation
     ev = evaluate_checkpoint(str(folder / "model.pt"), steps=20, loss="both", n=args.n_test or N_TEST[model], device="cpu", progress=False)
     last = res["history"][-1]
     layers = [v / cfg.eps for k, v in last.items() if k.startswith("a_layer")]

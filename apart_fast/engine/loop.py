@@ -81,6 +81,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         comm.close()
 
 
+def train_once(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.out`` so that calling again after an interruption finishes the same run: a run
+    finished there returns its results.json without training, one interrupted there continues from its
+    checkpoint.pt (with that checkpoint's config), anything else starts afresh. For scripts that run many
+    trainings, one folder each (the ablation study, benchmarks/dropin.py)."""
+    if cfg.out is None or cfg.out == AUTO_OUT:
+        raise ConfigError("train_once needs cfg.out: the folder whose finished run or checkpoint it picks up")
+    out = Path(cfg.out)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    if checkpoint.is_run_checkpoint(out / "checkpoint.pt"):
+        return train(cfg, resume=True, progress=progress, changed=set())
+    return train(cfg, overwrite=True, progress=progress)
+
+
 def _train(cfg: Config, comm: Comm, device: str, resume: bool, overwrite: bool, progress: bool,
            data: ImageData | None, model: nn.Module | None, changed: Collection[str] | None) -> dict[str, Any]:
     """``train`` inside its process group: the validation phase, then the run, with the output folder locked by rank 0

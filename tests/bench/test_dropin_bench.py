@@ -7,12 +7,17 @@ import argparse
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from apart_fast.bench.env import REPO_ROOT
+from apart_fast.engine import loop
+
+FORMAT1_RUN = Path(__file__).parents[1] / "engine" / "format1_run"  # a real run checkpoint (tests/engine's fixture)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def test_resume_evaluates_a_finished_run_and_resumes_an_unfinished_one(dropin, t
     calls = []
     history = [{"epoch": 1, "a_in": 0.01, "a_layer0": 0.002}]
 
-    def fake_train(cfg, *, resume=False, overwrite=False, progress=True):
+    def fake_train(cfg, *, resume=False, overwrite=False, progress=True, changed=None):
         calls.append(("train", cfg.out, resume))
         return {"history": history, "test_clean_acc": 0.4, "test_n": 10000, "train_seconds": 1.0,
                 "apart": {"sites": ["layer1.0"]}}
@@ -53,7 +58,7 @@ def test_resume_evaluates_a_finished_run_and_resumes_an_unfinished_one(dropin, t
         calls.append(("eval", path))
         return {"clean_acc": 0.5, "pgd_ce_acc": 0.3, "pgd_cw_acc": 0.2, "n": kw["n"]}
 
-    monkeypatch.setattr(dropin, "train", fake_train)
+    monkeypatch.setattr(loop, "train", fake_train)
     monkeypatch.setattr(dropin, "evaluate_checkpoint", fake_eval)
     args = argparse.Namespace(out=str(tmp_path), data_dir="d", epochs=1, batch_size=8, subset=16, n_test=4)
     finished, unfinished = tmp_path / "vit_apart_s0", tmp_path / "vit_apart_s1"
@@ -61,7 +66,7 @@ def test_resume_evaluates_a_finished_run_and_resumes_an_unfinished_one(dropin, t
     (finished / "results.json").write_text(json.dumps({"history": history, "test_clean_acc": 0.45, "test_n": 10000,
                                                        "train_seconds": 2.0, "apart": {"sites": ["layer1.0"]}}))
     unfinished.mkdir()
-    (unfinished / "checkpoint.pt").write_bytes(b"")
+    shutil.copy(FORMAT1_RUN / "checkpoint.pt", unfinished / "checkpoint.pt")
     row = dropin.run_one(args, "vit", "apart", 0)
     assert calls == [("eval", str(finished / "model.pt"))]
     assert row["clean_test_split"] == 0.45 and row["a_in_over_eps"] == pytest.approx(0.01 / (8 / 255), abs=1e-4)
