@@ -252,5 +252,5 @@ def run(args: argparse.Namespace) -> int:
         measure_cost(study, out, args.cost_rounds, progress=not args.no_progress)
     command = shlex.join(["apart-fast", *args.argv]) if hasattr(args, "argv") else None
     names = ablation_report.write(out, command=command)
-    print(f"[ablation] wrote {out}/ablation.md, ablation.json, {', '.join(names)}")
+    print(f"[ablation] wrote in {out}: {', '.join(names)}")
     return 0

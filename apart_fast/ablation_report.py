@@ -216,7 +216,7 @@ def write(out: Path, command: str | None = None) -> list[str]:
     study = json.loads((out / "study.json").read_text())
     if not units:
         (out / "ablation.md").write_text("# APART ablation\n\nNo unit has finished yet.\n")
-        return []
+        return ["ablation.md (no unit has finished yet)"]
     summary = summarize(units)
     footer = f"device: {study.get('device_name', study['device'])}" + (f"  |  {command}" if command else "")
     cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").exists() else None

@@ -103,7 +103,7 @@ def test_cost_variants_time_the_ablations_beside_the_methods():
     assert by["pgd"]["step_vs_pgd"] == 1.0 and by["no_store"]["step_vs_pgd"] > 0
 
 
-def test_tiny_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_tiny_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """Two rows, one seed, on synthetic data through the same code path (the dataset name is swapped in the config)."""
     real = ablation.Study.config
 
@@ -120,6 +120,8 @@ def test_tiny_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
              train_subset=256, test_n=10, aa_n=0, cost_rounds=0)
     a.no_progress = True
     assert ablation.run(a) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"[ablation] wrote in {out}: ablation.md, ablation.json, ablation_steps.png, ablation_bars.png")  # each once
     units = ablation.load_units(out)
     assert sorted(u["row"] for u in units) == ["default", "fgsm_rs", "frozen_end"]
     frozen = next(u for u in units if u["row"] == "frozen_end")
