@@ -177,8 +177,11 @@ def figures(summary: dict[float, dict[str, dict[str, Any]]], out: Path, footer: 
                          label=f"block {i}" if row == "default" else None)
         ax1.set(xlabel="epoch", ylabel="step size / eps", title=f"input step sizes, eps {k} (— default, -- script)")
         ax2.set(xlabel="epoch", ylabel="step size / eps", title=f"block step sizes a_b, eps {k}")
-        ax1.legend(fontsize=7)
-        ax2.legend(fontsize=6, ncol=2)
+        for ax, kw in ((ax1, dict(fontsize=7)), (ax2, dict(fontsize=6, ncol=2))):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(**kw)
+            else:  # neither the default's nor the script's unit has finished at this eps
+                ax.text(0.5, 0.5, "no default or script unit yet", ha="center", va="center", transform=ax.transAxes)
         for row, color in (("default", "C0"), ("frozen_end", "C4"), ("fgsm_rs", "C3"), ("nfgsm", "C2")):
             if row in rows:
                 u = rows[row]["units"][0]

@@ -66,6 +66,16 @@ def test_summary_combines_seed_spread_and_test_error():
     assert (st["a_in_start"], st["a_in"], st["blocks_min"]) == pytest.approx((0.01, 0.5, 0.05))
 
 
+def test_figures_without_a_default_unit_warn_nothing(tmp_path: Path):
+    import warnings
+
+    s = ablation_report.summarize([unit("frozen_start", 16 / 255, 1, 0.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" legend warning, seen in such a study
+        names = ablation_report.figures(s, tmp_path, "footer")
+    assert all((tmp_path / n).stat().st_size > 0 for n in names)
+
+
 def test_autoattack_is_read_beside_pgd_on_its_own_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     calls = []
 
